@@ -1,0 +1,479 @@
+"""The GPTQ checkpoint format: the one module that knows it.
+
+Everything else in gptq-ascend (converter, CPU and NPU backends, vLLM plugin, tests) asks this module
+how GPTQ tensors are laid out and what they mean. Nothing here is fast on purpose: this is the
+definition each kernel is tested against, written to be read.
+
+Layout, for a linear layer with K = in_features, N = out_features, b = bits, G = number of groups:
+
+* ``qweight`` int32 ``[ceil(K*b/32), N]``, packed along K. ``qzeros`` int32 ``[G, ceil(N*b/32)]``,
+  packed along N. ``scales`` float16 ``[G, N]``. ``g_idx`` int32 ``[K]``. ``bias`` optional ``[N]``.
+* Packing treats each column (for qweight) or row (for qzeros) as a little-endian *bit stream* of
+  32-bit words: code ``i`` occupies stream bits ``[b*i, b*(i+1))``. For 2/4/8 bits no code crosses a
+  word; for 3 bits this is exactly AutoGPTQ/GPTQModel's "10 | 1 | 10 | 1 | 10" layout (32 codes in
+  three words, codes 10 and 21 split across words), so one rule covers every width.
+* Codes are unsigned. ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]``.
+* v1 (``"gptq"``) stores ``z - 1`` in qzeros; v2 (``"gptq_v2"``) stores ``z``. The v1 offset is
+  applied to whole packed words (``words + 0x..0101``), which is how GPTQModel converts between the
+  two: the borrow of a zero point of 0 into its neighbour is undone by the carry, so a v1 file it
+  wrote reads back exactly. Field-wise ``+1`` would get that neighbour wrong by one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import ConfigError, FormatError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+WORD_BITS = 32
+
+# Fields that only steer the quantization run, not the stored arithmetic: accepted and ignored.
+_IGNORED_FIELDS = {
+    "damp_percent", "damp_auto_increment", "true_sequential", "static_groups", "model_name_or_path",
+    "model_file_base_name", "meta", "mse", "v2", "v2_alpha", "act_group_aware", "hyb_act",
+    "offload_to_disk", "offload_to_disk_path", "rotation", "is_marlin_format", "quantizer",
+    "adapter", "device", "pack_impl", "fail_safe", "gptaq", "gar", "foem", "hessian",
+    "batch_size", "sample_size", "dataset", "tokenizer", "use_exllama", "exllama_config",
+    "max_input_length", "cache_block_outputs", "use_cuda_fp16", "module_name_preceding_first_block",
+    "block_name_to_quantize", "inside_layer_modules", "quant_type", "damp",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The arithmetic settings of one quantized linear layer."""
+
+    bits: int
+    group_size: int  # -1: one group spanning all inputs
+    sym: bool = True
+    desc_act: bool = False
+    checkpoint_format: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits: {self.bits!r} is not supported (expected one of {SUPPORTED_BITS})")
+        if not (self.group_size == -1 or self.group_size > 0):
+            raise ConfigError(f"group_size: {self.group_size!r} is not supported (expected -1 or > 0)")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ConfigError(
+                f"checkpoint_format: {self.checkpoint_format!r} is not supported "
+                f"(expected one of {CHECKPOINT_FORMATS})"
+            )
+
+    @property
+    def pack_factor(self) -> int:
+        """Codes per int32 word for widths dividing 32 (3-bit has no integer factor)."""
+        if WORD_BITS % self.bits:
+            raise FormatError(f"{self.bits}-bit codes do not divide a 32-bit word")
+        return WORD_BITS // self.bits
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def sym_zero(self) -> int:
+        """The zero point every symmetric checkpoint uses (e.g. 128 for 8-bit, 8 for 4-bit)."""
+        return 1 << (self.bits - 1)
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return math.ceil(in_features / self.effective_group_size(in_features))
+
+
+def _as_bool(value: Any, name: str, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{source}: field {name!r} must be true or false, got {value!r}")
+
+
+def _as_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: field {name!r} must be an integer, got {value!r}")
+    return value
+
+
+def _spec_from_fields(fields: Mapping[str, Any], base: QuantSpec | None, source: str) -> QuantSpec:
+    values: dict[str, Any] = {}
+    if "bits" in fields:
+        values["bits"] = _as_int(fields["bits"], "bits", source)
+    if "group_size" in fields:
+        values["group_size"] = _as_int(fields["group_size"], "group_size", source)
+    for name in ("sym", "desc_act"):
+        if name in fields and fields[name] is not None:
+            values[name] = _as_bool(fields[name], name, source)
+    try:
+        if base is None:
+            for required in ("bits", "group_size"):
+                if required not in values:
+                    raise ConfigError(f"{source}: required field {required!r} is missing")
+            return QuantSpec(**values)
+        return replace(base, **values)
+    except ConfigError as e:
+        if str(e).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {e}") from None
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """A checkpoint's quantization config, with GPTQModel's per-module ``dynamic`` overrides."""
+
+    default: QuantSpec
+    lm_head: bool = False
+    dynamic: tuple[tuple[str, bool, Mapping[str, Any]], ...] = ()  # (regex, quantized, overrides)
+    modules_in_block_to_quantize: tuple[str, ...] | None = None
+    modules_to_not_convert: tuple[str, ...] = ()
+    source: str = "quantization_config"
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any], source: str = "quantization_config") -> "GPTQConfig":
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        method = cfg.get("quant_method", "gptq")
+        if method != "gptq":
+            raise ConfigError(f"{source}: field 'quant_method' is {method!r}; only 'gptq' is supported")
+        fmt = cfg.get("checkpoint_format", cfg.get("format", "gptq"))
+        if fmt is None:
+            fmt = "gptq"
+        if fmt not in CHECKPOINT_FORMATS:
+            name = "checkpoint_format" if "checkpoint_format" in cfg else "format"
+            raise ConfigError(
+                f"{source}: field {name!r} is {fmt!r}; supported: {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        pack_dtype = cfg.get("pack_dtype", "int32")
+        if pack_dtype not in ("int32", "torch.int32"):
+            raise ConfigError(f"{source}: field 'pack_dtype' is {pack_dtype!r}; only int32 is supported")
+        base = _spec_from_fields(cfg, None, source)
+        default = replace(base, checkpoint_format=fmt)
+
+        dynamic: list[tuple[str, bool, Mapping[str, Any]]] = []
+        raw_dynamic = cfg.get("dynamic") or {}
+        if not isinstance(raw_dynamic, Mapping):
+            raise ConfigError(f"{source}: field 'dynamic' must be an object of regex -> overrides")
+        for key, overrides in raw_dynamic.items():
+            quantized = not key.startswith("-:")
+            pattern = key[2:] if key.startswith(("-:", "+:")) else key
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{source}: dynamic pattern {key!r} is not a valid regex: {e}") from None
+            overrides = overrides or {}
+            if not isinstance(overrides, Mapping):
+                raise ConfigError(f"{source}: dynamic[{key!r}] must be an object, got {overrides!r}")
+            if quantized:  # validate the override now, not when the first module hits it
+                _spec_from_fields(overrides, default, f"{source}: dynamic[{key!r}]")
+            dynamic.append((pattern, quantized, dict(overrides)))
+
+        in_block = cfg.get("modules_in_block_to_quantize")
+        names: tuple[str, ...] | None = None
+        if in_block is not None:
+            flat: list[str] = []
+            for item in in_block:
+                flat.extend(item if isinstance(item, list) else [item])
+            if not all(isinstance(n, str) for n in flat):
+                raise ConfigError(f"{source}: field 'modules_in_block_to_quantize' must list module names")
+            names = tuple(flat)
+        not_convert = tuple(cfg.get("modules_to_not_convert") or ())
+        lm_head = cfg.get("lm_head", False)
+        return cls(
+            default=default,
+            lm_head=_as_bool(lm_head, "lm_head", source) if lm_head is not None else False,
+            dynamic=tuple(dynamic),
+            modules_in_block_to_quantize=names,
+            modules_to_not_convert=not_convert,
+            source=source,
+            raw=dict(cfg),
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "GPTQConfig":
+        """Read ``quantization_config`` from config.json, or quantize_config.json beside it."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        hf_config = read_json(config_path) if config_path.exists() else None
+        if hf_config is not None and "quantization_config" in hf_config:
+            return cls.from_dict(hf_config["quantization_config"], f"{config_path} [quantization_config]")
+        for name in ("quantize_config.json", "quant_config.json"):
+            path = model_dir / name
+            if path.exists():
+                return cls.from_dict(read_json(path), str(path))
+        if hf_config is None:
+            raise ConfigError(f"{config_path}: not found (is {model_dir} a Hugging Face model folder?)")
+        raise ConfigError(
+            f"{config_path}: no 'quantization_config' and no quantize_config.json beside it: "
+            "this is not a GPTQ checkpoint"
+        )
+
+    def spec_for(self, module_name: str) -> QuantSpec | None:
+        """The settings of ``module_name``, or None when the config leaves it unquantized.
+
+        Matching follows GPTQModel and vLLM: ``re.match`` (anchored at the start), first matching
+        ``dynamic`` rule wins, ``-:`` rules exclude the module.
+        """
+        if module_name.split(".")[-1] == "lm_head" and not self.lm_head:
+            return None
+        if any(skip and (module_name == skip or module_name.startswith(skip + ".") or
+                         f".{skip}." in f".{module_name}.") for skip in self.modules_to_not_convert):
+            return None
+        if self.modules_in_block_to_quantize is not None and not module_name.endswith("lm_head"):
+            if not any(module_name.endswith("." + n) or module_name == n
+                       for n in self.modules_in_block_to_quantize):
+                return None
+        for pattern, quantized, overrides in self.dynamic:
+            if re.match(pattern, module_name):
+                if not quantized:
+                    return None
+                return _spec_from_fields(overrides, self.default, f"{self.source}: dynamic")
+        return self.default
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bit packing
+# --------------------------------------------------------------------------------------------------
+
+
+def packed_len(count: int, bits: int) -> int:
+    """Number of int32 words that hold ``count`` codes of ``bits`` bits."""
+    return math.ceil(count * bits / WORD_BITS)
+
+
+def _to_uint32(words: torch.Tensor) -> torch.Tensor:
+    return words.to(torch.int64) & 0xFFFFFFFF
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same bit pattern."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack(packed: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
+    """Unpack ``count`` unsigned codes along ``dim`` (0 for qweight, 1 for qzeros) -> int32."""
+    if packed.dtype != torch.int32:
+        raise FormatError(f"packed tensor must be int32, got {packed.dtype}")
+    words = _to_uint32(packed.movedim(dim, 0))
+    if words.shape[0] != packed_len(count, bits):
+        raise FormatError(
+            f"{count} {bits}-bit codes need {packed_len(count, bits)} words along dim {dim}, "
+            f"got {words.shape[0]}"
+        )
+    offset = torch.arange(count, dtype=torch.int64) * bits
+    word, shift = offset // WORD_BITS, offset % WORD_BITS
+    view = (-1,) + (1,) * (words.dim() - 1)
+    lo = words[word] >> shift.view(view)
+    # A 3-bit code can start near the end of a word and continue in the next one.
+    spill = (shift + bits > WORD_BITS).view(view)
+    nxt = words[torch.clamp(word + 1, max=words.shape[0] - 1)]
+    hi = torch.where(spill, nxt << (WORD_BITS - shift).view(view), torch.zeros_like(lo))
+    codes = (lo | hi) & ((1 << bits) - 1)
+    return codes.to(torch.int32).movedim(0, dim)
+
+
+def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`unpack`: unsigned codes along ``dim`` -> int32 words."""
+    codes = codes.to(torch.int64).movedim(dim, 0)
+    if codes.numel() and (codes.min() < 0 or codes.max() > (1 << bits) - 1):
+        raise FormatError(f"codes must lie in [0, {(1 << bits) - 1}] to pack into {bits} bits")
+    count = codes.shape[0]
+    n_words = packed_len(count, bits)
+    offset = torch.arange(count, dtype=torch.int64) * bits
+    word, shift = offset // WORD_BITS, offset % WORD_BITS
+    view = (-1,) + (1,) * (codes.dim() - 1)
+    out = torch.zeros((n_words + 1,) + tuple(codes.shape[1:]), dtype=torch.int64)
+    # Bit fields are disjoint, so adding the pieces is the same as OR-ing them.
+    out.index_add_(0, word, (codes << shift.view(view)) & 0xFFFFFFFF)
+    out.index_add_(0, word + 1, codes >> (WORD_BITS - shift).view(view))
+    return _to_int32(out[:n_words]).movedim(0, dim)
+
+
+def _ones_word_stream(bits: int, n_words: int) -> torch.Tensor:
+    """The packed form of a run of codes that are all 1 (the v1 zero-point offset)."""
+    count = n_words * WORD_BITS // bits
+    return pack(torch.ones(count, dtype=torch.int64), bits, 0)[:n_words]
+
+
+def _add_streams(a: torch.Tensor, b: torch.Tensor, sign: int) -> torch.Tensor:
+    """(a + sign*b) over each row, treating the row's words as one little-endian integer."""
+    a, b = _to_uint32(a), _to_uint32(b)
+    out = torch.empty_like(a)
+    carry = torch.zeros(a.shape[:-1], dtype=torch.int64)
+    for i in range(a.shape[-1]):
+        s = a[..., i] + sign * b[..., i] + carry
+        out[..., i] = s & 0xFFFFFFFF
+        carry = torch.div(s, 1 << 32, rounding_mode="floor")
+    return _to_int32(out)
+
+
+def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored ``z - 1`` -> ``z``, on packed words (see the module docstring for why)."""
+    if bits == 3:
+        # 3-bit words carry codes that straddle word boundaries: carry across the whole row.
+        return _add_streams(qzeros, _ones_word_stream(3, qzeros.shape[-1]).expand_as(qzeros), +1)
+    return _to_int32(_to_uint32(qzeros) + _to_uint32(_ones_word_stream(bits, 1)))
+
+
+def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 3:
+        return _add_streams(qzeros, _ones_word_stream(3, qzeros.shape[-1]).expand_as(qzeros), -1)
+    return _to_int32(_to_uint32(qzeros) - _to_uint32(_ones_word_stream(bits, 1)))
+
+
+def unpack_zeros(qzeros: torch.Tensor, spec: QuantSpec, out_features: int) -> torch.Tensor:
+    """The true zero points ``z`` [G, N] (int32), whatever the checkpoint format stores."""
+    if spec.checkpoint_format == "gptq":
+        qzeros = qzeros_v1_to_v2(qzeros, spec.bits)
+    return unpack(qzeros, spec.bits, out_features, dim=1)
+
+
+def pack_zeros(zeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Inverse of :func:`unpack_zeros`."""
+    packed = pack(zeros, spec.bits, dim=1)
+    return qzeros_v2_to_v1(packed, spec.bits) if spec.checkpoint_format == "gptq" else packed
+
+
+def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    g = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, dtype=torch.int32) // g
+
+
+def act_order_perm(g_idx: torch.Tensor) -> torch.Tensor | None:
+    """A K permutation that makes ``g_idx`` non-decreasing, or None when it already is.
+
+    Backends with act-order checkpoints permute weight rows once (``q[perm]``) and gather activation
+    columns (``x[:, perm]``) per call, so their inner loops only ever see contiguous groups.
+    """
+    if g_idx.numel() < 2 or bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return None
+    return torch.argsort(g_idx.to(torch.int64), stable=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# One layer's tensors
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQTensors:
+    """The stored tensors of one quantized linear layer, exactly as read from the checkpoint."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def in_features(self, spec: QuantSpec) -> int:
+        if self.g_idx is not None:
+            return self.g_idx.numel()
+        return self.qweight.shape[0] * WORD_BITS // spec.bits
+
+
+def validate_layer(name: str, t: GPTQTensors, spec: QuantSpec, in_features: int | None = None) -> int:
+    """Check that a layer's tensors agree with each other and with ``spec``; return K.
+
+    Errors name the tensor (``name.qweight`` ...) and say what was expected.
+    """
+    def fail(tensor: str, msg: str) -> FormatError:
+        return FormatError(f"{name}.{tensor}: {msg}")
+
+    for tname in ("qweight", "qzeros"):
+        tensor = getattr(t, tname)
+        if tensor.dtype != torch.int32 or tensor.dim() != 2:
+            raise fail(tname, f"expected a 2-D int32 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+    if not t.scales.is_floating_point() or t.scales.dim() != 2:
+        raise fail("scales", f"expected a 2-D float tensor, got {t.scales.dtype} {tuple(t.scales.shape)}")
+    n = t.out_features
+    if t.g_idx is not None:
+        if t.g_idx.dim() != 1 or t.g_idx.dtype not in (torch.int32, torch.int64):
+            raise fail("g_idx", f"expected a 1-D int32 tensor, got {t.g_idx.dtype} {tuple(t.g_idx.shape)}")
+    k = in_features if in_features is not None else t.in_features(spec)
+    if t.g_idx is not None and t.g_idx.numel() != k:
+        raise fail("g_idx", f"expected {k} entries (in_features), got {t.g_idx.numel()}")
+    rows = packed_len(k, spec.bits)
+    if t.qweight.shape[0] != rows:
+        raise fail("qweight", f"expected shape ({rows}, {n}) for in_features={k} at {spec.bits} bits, "
+                              f"got {tuple(t.qweight.shape)}")
+    if spec.bits == 3 and k % 32:
+        raise fail("qweight", f"3-bit layers need in_features to be a multiple of 32, got {k}")
+    groups = spec.num_groups(k)
+    if tuple(t.scales.shape) != (groups, n):
+        raise fail("scales", f"expected shape ({groups}, {n}) for in_features={k}, "
+                             f"group_size={spec.group_size}, got {tuple(t.scales.shape)}")
+    zcols = packed_len(n, spec.bits)
+    if tuple(t.qzeros.shape) != (groups, zcols):
+        raise fail("qzeros", f"expected shape ({groups}, {zcols}), got {tuple(t.qzeros.shape)}")
+    if t.g_idx is not None and k:
+        lo, hi = int(t.g_idx.min()), int(t.g_idx.max())
+        if lo < 0 or hi >= groups:
+            raise fail("g_idx", f"values must lie in [0, {groups - 1}], found range [{lo}, {hi}]")
+    bad = ~torch.isfinite(t.scales)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise fail("scales", f"{int(bad.sum())} non-finite value(s) (NaN/Inf), first at {idx}")
+    if t.bias is not None and tuple(t.bias.shape) != (n,):
+        raise fail("bias", f"expected shape ({n},), got {tuple(t.bias.shape)}")
+    return k
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference dequantization
+# --------------------------------------------------------------------------------------------------
+
+
+def unpack_weight_codes(t: GPTQTensors, spec: QuantSpec, in_features: int | None = None) -> torch.Tensor:
+    """Unsigned codes q [K, N] (int32)."""
+    k = in_features if in_features is not None else t.in_features(spec)
+    return unpack(t.qweight, spec.bits, k, dim=0)
+
+
+def dequantize(
+    t: GPTQTensors,
+    spec: QuantSpec,
+    in_features: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``W[k, n] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]`` as a [K, N] tensor.
+
+    Computed in float32 (``float64`` if asked): ``q - z`` is an exact small integer and the scale is an
+    fp16 value, so one rounding (to ``dtype``) happens at the end.
+    """
+    k = in_features if in_features is not None else t.in_features(spec)
+    n = t.out_features
+    q = unpack_weight_codes(t, spec, k)
+    z = unpack_zeros(t.qzeros, spec, n)
+    g_idx = t.g_idx.to(torch.int64) if t.g_idx is not None else default_g_idx(k, spec.group_size).long()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (q - z[g_idx]).to(compute) * t.scales.to(compute)[g_idx]
+    return w.to(dtype)

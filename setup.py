@@ -1,0 +1,88 @@
+"""Build and install gptq-ascend.
+
+* The Python package lives in ``python/gptq_ascend``.
+* The CPU kernel (``csrc/cpu``) is a torch C++ extension built with ninja: ``gptq_ascend._C``.
+* The Ascend kernel library (``csrc/ascend``) is built by the top-level CMakeLists.txt with CANN's
+  ascendc.cmake, and only when ``ASCEND_HOME_PATH`` points at a CANN toolkit; otherwise it is skipped
+  with a message saying so (the package then uses the Triton or reference path on NPU).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def cpu_extension():
+    """The CPU kernel: every .cpp under csrc/cpu, one extension, runtime ISA dispatch inside."""
+    from torch.utils.cpp_extension import CppExtension
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    if not sources:
+        return None
+    return CppExtension(
+        name="gptq_ascend._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc" / "cpu")],
+        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"],
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def build_ascend() -> None:
+    """The Ascend hook: configure and build csrc/ascend with CMake when CANN is present."""
+    home = os.environ.get("ASCEND_HOME_PATH")
+    if not home:
+        print("gptq-ascend: ASCEND_HOME_PATH is not set: skipping the AscendC kernel library "
+              "(the CPU build is unaffected; on an NPU the Triton path is used instead).",
+              file=sys.stderr)
+        return
+    build_dir = ROOT / "build" / "ascend"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    soc = os.environ.get("SOC_VERSION", "Ascend910B3")
+    subprocess.check_call(["cmake", str(ROOT), f"-DSOC_VERSION={soc}",
+                           f"-DASCEND_HOME_PATH={home}", f"-DPython3_EXECUTABLE={sys.executable}",
+                           "-DCMAKE_BUILD_TYPE=Release"], cwd=build_dir)
+    subprocess.check_call(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)])
+    subprocess.check_call(["cmake", "--install", str(build_dir), "--prefix",
+                           str(ROOT / "python" / "gptq_ascend")])
+
+
+def main() -> None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext = cpu_extension()
+
+    class Build(BuildExtension):
+        def run(self):
+            build_ascend()
+            super().run()
+
+    setup(
+        name="gptq-ascend",
+        version="0.1.0",
+        description="GPTQ checkpoints on vLLM for Ascend NPUs and CPUs: online dequant kernels and an "
+                    "exact offline converter",
+        python_requires=">=3.10",
+        package_dir={"": "python"},
+        packages=find_packages("python"),
+        package_data={"gptq_ascend": ["lib/*.so"]},
+        ext_modules=[ext] if ext is not None else [],
+        cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+        install_requires=["safetensors", "tqdm", "numpy"],
+        extras_require={"test": ["pytest", "hypothesis", "ruff", "openai", "requests", "matplotlib"]},
+        entry_points={
+            "console_scripts": ["gptq-ascend = gptq_ascend.cli:main"],
+            "vllm.general_plugins": ["gptq_ascend = gptq_ascend.vllm_plugin:register"],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
