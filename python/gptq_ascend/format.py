@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -144,7 +145,7 @@ class GPTQConfig:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any], source: str = "quantization_config") -> "GPTQConfig":
+    def from_dict(cls, cfg: Mapping[str, Any], source: str = "quantization_config") -> GPTQConfig:
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         method = cfg.get("quant_method", "gptq")
@@ -204,7 +205,7 @@ class GPTQConfig:
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "GPTQConfig":
+    def load(cls, model_dir: str | Path) -> GPTQConfig:
         """Read ``quantization_config`` from config.json, or quantize_config.json beside it."""
         model_dir = Path(model_dir)
         config_path = model_dir / "config.json"

@@ -1,0 +1,122 @@
+"""The `gptq-ascend` command (also `python -m gptq_ascend`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from .errors import GPTQAscendError
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write an exactly dequantized FP16/BF16 checkpoint that any vLLM loads without flags",
+        description="Dequantize every GPTQ layer of SRC (W = (q - z) * scale, the GPTQ definition) and "
+                    "write a plain Hugging Face checkpoint to DST. The output is built in a temporary "
+                    "folder beside DST and moved into place only when complete.",
+    )
+    p.add_argument("src", help="GPTQ checkpoint folder (config.json + safetensors)")
+    p.add_argument("dst", help="output folder; must not exist unless --force")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                   help="dtype of every floating-point tensor in the output (default: float16; use "
+                        "bfloat16 when a dequantized value would overflow float16)")
+    p.add_argument("--max-shard-size", default="50GB",
+                   help="largest safetensors shard, e.g. 5GB or 500MB (default: 50GB, as transformers)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read the output and compare every tensor with the reference dequant; "
+                        "exit non-zero (and write nothing) on any mismatch")
+    p.add_argument("--backend", default="reference",
+                   help="dequantize with this ops backend: reference (default, pure torch), cpu (the C++ "
+                        "kernel) or npu (on an Ascend device)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickle .bin checkpoints, with torch.load(weights_only=True)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: only when stderr is a terminal)")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show a GPTQ checkpoint's settings, sizes, and which modes can run it here",
+        description="Print the quantization settings, the number of quantized layers and plain tensors, "
+                    "the size as stored and as FP16, and whether online CPU, online NPU and offline "
+                    "modes can run this checkpoint on this machine (with the reason when not).",
+    )
+    p.add_argument("src", help="GPTQ checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pickle .bin checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptq-ascend",
+        description="GPTQ checkpoints on vLLM for Ascend NPUs and CPUs. Online mode is the vLLM plugin "
+                    "(`vllm serve MODEL --quantization gptq_ascend`); these commands cover offline mode "
+                    "and inspection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_inspect(sub)
+    try:
+        from .verify import add_parser as add_verify
+    except ImportError:
+        pass
+    else:
+        add_verify(sub)
+    return parser
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import backend_dequant, convert, human_bytes, reference_dequant
+
+    dequant = reference_dequant if args.backend == "reference" else backend_dequant(args.backend)
+    result = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     force=args.force, verify=args.verify, allow_pickle=args.allow_pickle,
+                     progress=args.progress, dequant_fn=dequant)
+    print(f"wrote {result.dst}: {result.tensors} tensors ({result.quantized_layers} dequantized layers) in "
+          f"{result.shards} shard(s), {human_bytes(result.bytes_written)}, dtype {args.dtype}")
+    if result.verify is not None:
+        print(result.verify.summary())
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_checkpoint
+
+    info = inspect_checkpoint(args.src, allow_pickle=args.allow_pickle)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else info.text())
+    return 0
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM -> the same clean-up path as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    runners = {"convert": _run_convert, "inspect": _run_inspect}
+    try:
+        if args.command in runners:
+            return runners[args.command](args)
+        return args.run(args)
+    except GPTQAscendError as e:
+        print(f"gptq-ascend {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gptq-ascend {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

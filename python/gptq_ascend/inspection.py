@@ -1,0 +1,126 @@
+"""`gptq-ascend inspect SRC`: what a GPTQ checkpoint holds and which modes can run it here."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import format as fmt
+from .checkpoint import ST_ITEMSIZE, Checkpoint
+from .convert import human_bytes
+
+
+@dataclass
+class Mode:
+    name: str
+    runnable: bool
+    why: str
+
+
+@dataclass
+class Inspection:
+    path: str
+    settings: dict
+    quantized_layers: int
+    plain_tensors: int
+    layer_settings: dict[str, int]
+    stored_bytes: int
+    fp16_bytes: int
+    modes: list[Mode] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        s = self.settings
+        lines = [
+            f"{self.path}",
+            f"  quantization : bits={s['bits']} group_size={s['group_size']} sym={s['sym']} "
+            f"desc_act={s['desc_act']} format={s['checkpoint_format']} lm_head={s['lm_head']}",
+        ]
+        if s["dynamic"]:
+            lines.append(f"  dynamic      : {len(s['dynamic'])} override(s): " + ", ".join(s["dynamic"]))
+        lines += [
+            f"  layers       : {self.quantized_layers} quantized, {self.plain_tensors} plain tensors",
+            "  per setting  : " + ", ".join(f"{k}: {v}" for k, v in sorted(self.layer_settings.items())),
+            f"  size         : {human_bytes(self.stored_bytes)} as stored, {human_bytes(self.fp16_bytes)} as "
+            f"FP16 ({self.stored_bytes / max(self.fp16_bytes, 1):.0%})",
+            "  modes on this machine:",
+        ]
+        for m in self.modes:
+            mark = "yes" if m.runnable else "no "
+            lines.append(f"    [{mark}] {m.name:<12} {m.why}")
+        return "\n".join(lines)
+
+
+def _spec_label(spec: fmt.QuantSpec) -> str:
+    label = f"{spec.bits}-bit g{spec.group_size} {'sym' if spec.sym else 'asym'}"
+    return label + (" act-order" if spec.desc_act else "")
+
+
+def inspect_checkpoint(src: str | Path, allow_pickle: bool = False) -> Inspection:
+    src = Path(src)
+    config = fmt.GPTQConfig.load(src)
+    ckpt = Checkpoint.open(src, allow_pickle=allow_pickle)
+    layers = ckpt.quantized_layers()
+    quant_names = {f"{p}.{s}" for p, parts in layers.items() for s in parts if s != "bias"}
+    stored = fp16 = 0
+    for name in ckpt.names():
+        st_dtype, shape = ckpt.meta(name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        stored += numel * ST_ITEMSIZE[st_dtype]
+        if name not in quant_names:
+            fp16 += numel * 2
+    per_setting: Counter[str] = Counter()
+    specs = []
+    for prefix in layers:
+        spec = config.spec_for(prefix) or config.default
+        specs.append((prefix, spec))
+        per_setting[_spec_label(spec)] += 1
+        _, qshape = ckpt.meta(f"{prefix}.qweight")
+        if f"{prefix}.g_idx" in ckpt.tensor_file:
+            k = ckpt.meta(f"{prefix}.g_idx")[1][0]
+        else:
+            k = qshape[0] * fmt.WORD_BITS // spec.bits
+        fp16 += 2 * k * qshape[1]
+    d = config.default
+    settings = {"bits": d.bits, "group_size": d.group_size, "sym": d.sym, "desc_act": d.desc_act,
+                "checkpoint_format": d.checkpoint_format, "lm_head": config.lm_head,
+                "dynamic": [("-:" if not q else "+:") + p for p, q, _ in config.dynamic]}
+    info = Inspection(str(src), settings, len(layers), len(ckpt.names()) - len(quant_names),
+                      dict(per_setting), stored, fp16)
+    info.modes = available_modes(specs)
+    return info
+
+
+def available_modes(specs: list[tuple[str, fmt.QuantSpec]]) -> list[Mode]:
+    """Which modes can run a checkpoint with these layers on this machine, and why not."""
+    from .ops import backends
+
+    modes = [Mode("offline", True, "`gptq-ascend convert` runs anywhere (pure torch)")]
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    registry = backends()
+    cpu = registry.get("cpu")
+    if not have_vllm:
+        modes.append(Mode("online CPU", False, "vllm is not installed in this environment"))
+    else:
+        cpu_ok, why = cpu.available() if cpu else (False, "the CPU kernel is not part of this install")
+        slow = [p for p, s in specs if cpu_ok and not cpu.can_implement(s, 1024, 1024)[0]]
+        if cpu_ok and not slow:
+            modes.append(Mode("online CPU", True, "vLLM + the fused C++ kernel"))
+        elif cpu_ok:
+            modes.append(Mode("online CPU", True, f"vLLM; {len(slow)} layer(s) fall back to the reference "
+                                                  "dequant (slow)"))
+        else:
+            modes.append(Mode("online CPU", True, f"vLLM with the reference backend only (slow): {why}"))
+    if importlib.util.find_spec("torch_npu") is None:
+        modes.append(Mode("online NPU", False, "torch_npu is not installed (no Ascend NPU stack here)"))
+    else:
+        npu = registry.get("npu")
+        ok, why = npu.available() if npu else (False, "the NPU backend is not part of this install")
+        modes.append(Mode("online NPU", ok, why or "vLLM-Ascend + torch_npu"))
+    return modes
