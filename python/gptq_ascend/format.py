@@ -13,10 +13,12 @@ Layout, for a linear layer with K = in_features, N = out_features, b = bits, G =
   word; for 3 bits this is exactly AutoGPTQ/GPTQModel's "10 | 1 | 10 | 1 | 10" layout (32 codes in
   three words, codes 10 and 21 split across words), so one rule covers every width.
 * Codes are unsigned. ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]``.
-* v1 (``"gptq"``) stores ``z - 1`` in qzeros; v2 (``"gptq_v2"``) stores ``z``. The v1 offset is
-  applied to whole packed words (``words + 0x..0101``), which is how GPTQModel converts between the
-  two: the borrow of a zero point of 0 into its neighbour is undone by the carry, so a v1 file it
-  wrote reads back exactly. Field-wise ``+1`` would get that neighbour wrong by one.
+* v1 (``"gptq"``) stores ``z - 1`` in qzeros; v2 (``"gptq_v2"``) stores ``z``. For 2/4/8 bits the
+  v1 offset is applied to whole packed words (``word + 0x..0101``), which is how GPTQModel converts
+  between the two: the borrow of a zero point of 0 into its neighbour on saving is undone by the
+  carry on loading, so a v1 file it wrote reads back exactly (field-wise ``+1`` would get that
+  neighbour wrong by one). For 3 bits GPTQModel shifts each decoded field modulo 8 instead, and so
+  do we.
 """
 
 from __future__ import annotations
@@ -315,36 +317,28 @@ def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return _to_int32(out[:n_words]).movedim(0, dim)
 
 
-def _ones_word_stream(bits: int, n_words: int) -> torch.Tensor:
-    """The packed form of a run of codes that are all 1 (the v1 zero-point offset)."""
-    count = n_words * WORD_BITS // bits
-    return pack(torch.ones(count, dtype=torch.int64), bits, 0)[:n_words]
+def _ones_word(bits: int) -> int:
+    """A 32-bit word whose every ``bits``-wide field holds 1 (the v1 zero-point offset)."""
+    return sum(1 << (bits * j) for j in range(WORD_BITS // bits))
 
 
-def _add_streams(a: torch.Tensor, b: torch.Tensor, sign: int) -> torch.Tensor:
-    """(a + sign*b) over each row, treating the row's words as one little-endian integer."""
-    a, b = _to_uint32(a), _to_uint32(b)
-    out = torch.empty_like(a)
-    carry = torch.zeros(a.shape[:-1], dtype=torch.int64)
-    for i in range(a.shape[-1]):
-        s = a[..., i] + sign * b[..., i] + carry
-        out[..., i] = s & 0xFFFFFFFF
-        carry = torch.div(s, 1 << 32, rounding_mode="floor")
-    return _to_int32(out)
+def _shift_fields(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
+    n = qzeros.shape[-1] * WORD_BITS // bits
+    return pack((unpack(qzeros, bits, n, dim=1) + delta) & ((1 << bits) - 1), bits, dim=1)
 
 
 def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Stored ``z - 1`` -> ``z``, on packed words (see the module docstring for why)."""
+    """Stored ``z - 1`` -> ``z``, the way GPTQModel converts (see the module docstring)."""
     if bits == 3:
-        # 3-bit words carry codes that straddle word boundaries: carry across the whole row.
-        return _add_streams(qzeros, _ones_word_stream(3, qzeros.shape[-1]).expand_as(qzeros), +1)
-    return _to_int32(_to_uint32(qzeros) + _to_uint32(_ones_word_stream(bits, 1)))
+        # 3-bit fields straddle words, so GPTQModel shifts each decoded field instead.
+        return _shift_fields(qzeros, bits, +1)
+    return _to_int32(_to_uint32(qzeros) + _ones_word(bits))
 
 
 def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 3:
-        return _add_streams(qzeros, _ones_word_stream(3, qzeros.shape[-1]).expand_as(qzeros), -1)
-    return _to_int32(_to_uint32(qzeros) - _to_uint32(_ones_word_stream(bits, 1)))
+        return _shift_fields(qzeros, bits, -1)
+    return _to_int32(_to_uint32(qzeros) - _ones_word(bits))
 
 
 def unpack_zeros(qzeros: torch.Tensor, spec: QuantSpec, out_features: int) -> torch.Tensor:
