@@ -291,13 +291,13 @@ def unpack(packed: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tenso
     offset = torch.arange(count, dtype=torch.int64) * bits
     word, shift = offset // WORD_BITS, offset % WORD_BITS
     view = (-1,) + (1,) * (words.dim() - 1)
-    lo = words[word] >> shift.view(view)
-    # A 3-bit code can start near the end of a word and continue in the next one.
-    spill = (shift + bits > WORD_BITS).view(view)
-    nxt = words[torch.clamp(word + 1, max=words.shape[0] - 1)]
-    hi = torch.where(spill, nxt << (WORD_BITS - shift).view(view), torch.zeros_like(lo))
-    codes = (lo | hi) & ((1 << bits) - 1)
-    return codes.to(torch.int32).movedim(0, dim)
+    codes = words[word] >> shift.view(view)
+    if WORD_BITS % bits:
+        # A 3-bit code can start near the end of a word and continue in the next one.
+        spill = (shift + bits > WORD_BITS).view(view)
+        nxt = words[torch.clamp(word + 1, max=words.shape[0] - 1)]
+        codes |= torch.where(spill, nxt << (WORD_BITS - shift).view(view), 0)
+    return (codes & ((1 << bits) - 1)).to(torch.int32).movedim(0, dim)
 
 
 def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
