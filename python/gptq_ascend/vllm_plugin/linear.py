@@ -332,10 +332,11 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         if g_idx is not None and len(shards) > 1 and not _all_equal(list(shards.values())):
             if lay["row_parallel"]:
                 raise FormatError(f"{self.prefix}.g_idx: shards disagree on a row-parallel layer")
-            pieces = []
             offsets = _shard_offsets(lay["sizes"], shards.keys())
-            for shard, (c0, c1) in offsets.items():
-                pieces.append((c0, c1, shards[shard]))
+            if len(offsets) != len(lay["sizes"]):
+                raise FormatError(f"{self.prefix}.g_idx: shards {sorted(map(str, shards))} disagree and not "
+                                  f"every one of the {len(lay['sizes'])} shards was loaded")
+            pieces = sorted((c0, c1, shards[sid]) for sid, (c0, c1) in offsets.items())
         else:
             pieces = [(0, lay["n_part"], g_idx)]
 
