@@ -360,7 +360,7 @@ def repack_npu(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int, mode: 
         ok, reason = fused_limits(spec, k, n, soc_name(device))
         if ok:
             try:
-                return _pack_fused(prepare_fused_args(t, spec, k), spec, k, n, device, backend_name)
+                return pack_fused(prepare_fused_args(t, spec, k), spec, k, n, device, backend_name)
             except BackendError as e:
                 reason = str(e)
         if mode == "fused":
@@ -375,12 +375,7 @@ def repack_npu(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int, mode: 
             if reason:
                 logger.info("gptq_ascend npu: layer %s -> %s dequant + NPU matmul (fused op refused: %s)",
                             what, chosen, reason)
-            return NpuPackedWeight(
-                backend_name, spec, k, n,
-                {"qweight": args.qweight.to(device), "zeros": args.zeros.to(device),
-                 "scales": args.scales.to(device)},
-                perm=None if args.perm is None else args.perm.to(device),
-                mode=chosen, group_size=args.group_size, reason=reason)
+            return pack_dequant(args, spec, k, n, device, chosen, backend_name, reason)
         except BackendError as e:
             if mode != "auto":
                 raise
@@ -396,8 +391,20 @@ def repack_npu(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int, mode: 
                            group_size=spec.effective_group_size(k), reason=reason or "forced")
 
 
-def _pack_fused(args: FusedArgs, spec: fmt.QuantSpec, k: int, n: int, device: torch.device,
-                backend_name: str) -> NpuPackedWeight:
+def _npu_int4pack(weight: torch.Tensor) -> torch.Tensor:
+    import torch_npu
+
+    return torch_npu.npu_convert_weight_to_int4pack(weight)
+
+
+def pack_fused(args: FusedArgs, spec: fmt.QuantSpec, k: int, n: int, device: torch.device,
+               backend_name: str = "npu",
+               convert_int4: Callable[[torch.Tensor], torch.Tensor] = _npu_int4pack) -> NpuPackedWeight:
+    """Move the fused arguments to the device in the layouts the op is documented to prefer.
+
+    ``convert_int4`` is torch_npu's ``npu_convert_weight_to_int4pack`` (tests pass
+    :func:`int4pack_reference`, its documented behaviour, to run this on CPU).
+    """
     per_channel = args.group_size == 0
     if args.bits == 8:
         if per_channel:   # the documented fast layout for per-channel: a transposed (N, K) buffer
@@ -405,17 +412,25 @@ def _pack_fused(args: FusedArgs, spec: fmt.QuantSpec, k: int, n: int, device: to
         else:
             weight = args.weight.contiguous().to(device)
     else:
-        import torch_npu
-
         w32 = args.weight.to(torch.int32)
-        if per_channel and k % INT4_PER_INT32 == 0:
-            weight = torch_npu.npu_convert_weight_to_int4pack(w32.t().contiguous().to(device)).t()
-        else:
-            weight = torch_npu.npu_convert_weight_to_int4pack(w32.contiguous().to(device))
+        if per_channel and k % INT4_PER_INT32 == 0:   # (N, K) -> (N, K/8), passed as a (K/8, N) view
+            weight = convert_int4(w32.t().contiguous().to(device)).t()
+        else:                                         # (K, N) -> (K, N/8)
+            weight = convert_int4(w32.contiguous().to(device))
     return NpuPackedWeight(
         backend_name, spec, k, n,
         {"weight": weight, "scale": args.scale.to(device), "offset": args.offset.to(device)},
         perm=None if args.perm is None else args.perm.to(device), mode="fused", group_size=args.group_size)
+
+
+def pack_dequant(args: DequantArgs, spec: fmt.QuantSpec, k: int, n: int, device: torch.device,
+                 mode: str, backend_name: str = "npu", reason: str = "") -> NpuPackedWeight:
+    """Move the dequant-path arguments to the device; ``mode`` is "ascendc" or "triton"."""
+    return NpuPackedWeight(
+        backend_name, spec, k, n,
+        {"qweight": args.qweight.to(device), "zeros": args.zeros.to(device), "scales": args.scales.to(device)},
+        perm=None if args.perm is None else args.perm.to(device),
+        mode=mode, group_size=args.group_size, reason=reason)
 
 
 def _dequant_kernel_order(packed: NpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -427,9 +442,9 @@ def _dequant_kernel_order(packed: NpuPackedWeight, dtype: torch.dtype) -> torch.
         return torch.ops.gptq_ascend.ascend_dequant(p["qweight"], p["zeros"], p["scales"], packed.spec.bits,
                                                     packed.group_size, packed.in_features, dtype)
     if packed.mode == "triton":
+        cores = _vector_cores() if p["qweight"].device.type == "npu" else triton_dequant.VECTOR_CORES_910B3
         return triton_dequant.dequant_triton(p["qweight"], p["zeros"], p["scales"], packed.spec.bits,
-                                             packed.group_size, packed.in_features, dtype,
-                                             core_num=_vector_cores())
+                                             packed.group_size, packed.in_features, dtype, core_num=cores)
     # fused: rebuild W from the op's own arguments with the op's formula.
     w = p["weight"]
     if packed.spec.bits == 4:
@@ -442,6 +457,30 @@ def _dequant_kernel_order(packed: NpuPackedWeight, dtype: torch.dtype) -> torch.
         idx = torch.arange(packed.in_features, device=w.device) // packed.group_size
         scale, offset = scale[idx], offset[idx]
     return ((w.float() + offset) * scale).to(dtype)
+
+
+def _fused_op():
+    import torch_npu
+
+    return torch_npu.npu_weight_quant_batchmatmul
+
+
+def gemm_packed(x: torch.Tensor, packed: NpuPackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-call work of every path, device-agnostic (the argument checks are the caller's)."""
+    lead = x.shape[:-1]
+    x2 = fused_activation(x, packed.perm)
+    if packed.mode == "fused":
+        scale, offset = packed.fused_params(x.dtype)
+        y = _fused_op()(x2, packed.tensors["weight"], scale, offset, antiquant_group_size=packed.group_size)
+    elif packed.mode == "ascendc":
+        p = packed.tensors
+        y = torch.ops.gptq_ascend.ascend_gemm(x2, p["qweight"], p["zeros"], p["scales"], None, None,
+                                              packed.spec.bits, packed.group_size, packed.in_features)
+    else:
+        y = torch.matmul(x2, _dequant_kernel_order(packed, x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, packed.out_features)
 
 
 _cores: int | None = None
@@ -481,23 +520,7 @@ class NpuBackend(Backend):
     def gemm(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         check_gemm_args(x, packed, bias, NPU_DTYPES, "npu")
         assert isinstance(packed, NpuPackedWeight)
-        lead = x.shape[:-1]
-        x2 = fused_activation(x, packed.perm)
-        if packed.mode == "fused":
-            import torch_npu
-
-            scale, offset = packed.fused_params(x.dtype)
-            y = torch_npu.npu_weight_quant_batchmatmul(x2, packed.tensors["weight"], scale, offset,
-                                                       antiquant_group_size=packed.group_size)
-        elif packed.mode == "ascendc":
-            p = packed.tensors
-            y = torch.ops.gptq_ascend.ascend_gemm(x2, p["qweight"], p["zeros"], p["scales"], None, None,
-                                                  packed.spec.bits, packed.group_size, packed.in_features)
-        else:
-            y = torch.matmul(x2, _dequant_kernel_order(packed, x.dtype))
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*lead, packed.out_features)
+        return gemm_packed(x, packed, bias)
 
     def dequant(self, packed: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         assert isinstance(packed, NpuPackedWeight)

@@ -10,8 +10,9 @@ This module is the *executable specification* of ``csrc/ascend/kernels/gptq_dequ
   the ``32 / bits`` lanes shift out the codes, ``(code - z) * s`` in float32, round once to the output
   dtype, and store rows ``pf * word + lane``.
 
-It runs three ways: on an Ascend NPU through triton-ascend; on CPU tensors under ``TRITON_INTERPRET=1``
-(that is how it is tested without hardware); and, for the Ascend compile check, through triton-ascend's
+It runs three ways: on an Ascend NPU through triton-ascend; on CPU tensors through Triton's interpreter
+(what ``TRITON_INTERPRET=1`` does; :func:`dequant_triton` picks it for CPU tensors, and that is how it
+is tested without hardware); and, for the Ascend compile check, through triton-ascend's
 compiler up to the last stage. It imports cleanly without triton (``TRITON_IMPORT_ERROR`` says why).
 
 Input layout (the checkpoint's, untouched): ``qweight`` int32 ``[ceil(K*bits/32), N]`` (rows permuted
@@ -290,7 +291,24 @@ def dequant_triton(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Ten
                                f"({plan.num_groups}, {n}) expected")
     if out is None:
         out = torch.empty((in_features, n), dtype=dtype, device=qweight.device)
+    elif tuple(out.shape) != (in_features, n) or out.dtype != dtype or not out.is_contiguous():
+        raise BackendError(f"Triton dequant: out must be a contiguous {dtype} ({in_features}, {n}) tensor")
     runtime, const = kernel_launch_args(plan, dtype)
-    _gptq_dequant_kernel[(plan.used_cores,)](qweight.contiguous(), zeros.contiguous(), scales.contiguous(), out,
-                                            *runtime, **const)
+    kernel = _interpreted_kernel() if qweight.device.type == "cpu" else _gptq_dequant_kernel
+    kernel[(plan.used_cores,)](qweight.contiguous(), zeros.contiguous(), scales.contiguous(), out,
+                               *runtime, **const)
     return out
+
+
+_interpreted = None
+
+
+def _interpreted_kernel():
+    """The kernel under Triton's interpreter, for CPU tensors (what TRITON_INTERPRET=1 would give)."""
+    global _interpreted
+    if _interpreted is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kernel = _gptq_dequant_kernel
+        _interpreted = kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+    return _interpreted
