@@ -20,7 +20,14 @@ ROOT = Path(__file__).resolve().parent
 
 
 def cpu_extension():
-    """The CPU kernel: every .cpp under csrc/cpu, one extension, runtime ISA dispatch inside."""
+    """The CPU kernel: every .cpp under csrc/cpu, one extension, runtime ISA dispatch inside.
+
+    No -march flag: the AVX-512 and AVX2 kernels raise their own ISA with `#pragma GCC target` in
+    their translation units (kernel_avx512.cpp, kernel_avx2.cpp) and ops.cpp picks one at run time,
+    so the same build runs on any x86-64 (and compiles, with the portable kernel only, elsewhere).
+    The C++ standard is left to torch (C++20 for torch >= 2.10). -fopenmp is required: ATen's
+    at::parallel_for is an inline OpenMP loop, serial if this extension is built without it.
+    """
     from torch.utils.cpp_extension import CppExtension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
@@ -32,7 +39,8 @@ def cpu_extension():
         name="gptq_ascend._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc" / "cpu")],
-        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"],
+        depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.[hi]*")),
+        extra_compile_args=["-O3", "-fopenmp", "-DNDEBUG", "-Wall"],
         extra_link_args=["-fopenmp"],
     )
 

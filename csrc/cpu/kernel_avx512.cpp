@@ -1,0 +1,436 @@
+// AVX-512 kernels for the layout of kernel.h (read its header comment first).
+//
+// Only this translation unit is compiled for AVX-512 (F/BW/VL/DQ/BF16), via the pragma below; ops.cpp
+// picks it at run time with __builtin_cpu_supports, so the extension still loads and runs on CPUs
+// without it. No torch header and no std:: function template is used in here (ODR note in kernel.h).
+//
+// WHY IT IS SHAPED THIS WAY (numbers from the 2-core AMD EPYC Zen 4 this was tuned on)
+// * M = 1 is a pure stream: ~20 GB/s of DRAM for ~3.5 GHz x 2 cores means 2 int8 weights (4 int4
+//   weights) per core-cycle at the floor. The decode below costs 6 vector ops per 32 int8 weights and
+//   ~13 per 128 int4 weights, far inside that budget, so M = 1 is memory bound as it should be.
+// * Small M > 1 reuses each decoded weight vector for MR activation rows held in registers. The cost is
+//   then the multiply-adds: fp32 FMA does 16 MACs/instruction, vdpbf16ps 32. So bf16 activations use
+//   vdpbf16ps on (k, k+1) pairs, which needs the weights as exact BF16 pairs: 8-bit codes go through
+//   cvtdq2ps + cvtne2ps2bf16 (exact: an integer < 256 has 8 significant bits), nibbles through the
+//   0x43-byte trick (BF16 0x43cc == 128 + c). fp32/fp16 activations keep fp32 FMAs (converting them to
+//   BF16 would lose precision the caller asked for).
+// * Loop order per N-block: for each group, the group's codes (<= 8 KiB for g = 128) are decoded once
+//   per MR-row tile while they sit in L1; group sums are folded into a per-block [M][64] fp32 total
+//   with the scale and zero point; the epilogue adds bias and rounds once to the output dtype.
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "kernel.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), \
+                             apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+// GCC 12 flags the deliberately undefined pass-through operand inside its own AVX-512 intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// AVX512-BF16 is enabled for the whole unit (GCC refuses to inline a BF16-target micro-kernel into a
+// driver without it), but BF16 instructions come only from the explicit intrinsics in I8Bf16 / I4Bf16:
+// no __bf16 arithmetic here, so the compiler has nothing to lower to them on its own. ops.cpp calls
+// those two only when the CPU reports avx512bf16; an AVX-512 CPU without it runs the fp32 kernels.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace gptq_cpu {
+namespace {
+
+constexpr int kV = kBlockN / 16;  // zmm vectors per block row
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ------------------------------------------------------------------------------------------------
+// Per-group scale and (zero + code bias) for 64 columns.
+// ------------------------------------------------------------------------------------------------
+template <class A>
+ALWAYS_INLINE void load_group_terms(const A& a, int64_t b, int64_t g, float cb, __m512* s, __m512* zc) {
+  const int64_t off = (b * a.G + g) * kBlockN;
+  if (a.scales_f16) {
+    const uint16_t* p = static_cast<const uint16_t*>(a.scales) + off;
+    for (int v = 0; v < kV; ++v) s[v] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * v)));
+  } else {
+    const float* p = static_cast<const float*>(a.scales) + off;
+    for (int v = 0; v < kV; ++v) s[v] = _mm512_loadu_ps(p + 16 * v);
+  }
+  if (a.zeros) {
+    const uint8_t* p = a.zeros + off;
+    const __m512 vcb = _mm512_set1_ps(cb);
+    for (int v = 0; v < kV; ++v)
+      zc[v] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v)))), vcb);
+  } else {
+    for (int v = 0; v < kV; ++v) zc[v] = _mm512_set1_ps(a.sym_zero + cb);
+  }
+}
+
+// 16 codes (bytes) -> 16 floats.
+ALWAYS_INLINE __m512 u8x16_to_ps(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// One 64-byte nibble k-pair row -> 4 vectors; lane c of P[v] is column 16v + c, as the dword
+// (bf16(128 + code(k)) | bf16(128 + code(k+1)) << 16). See kernel.h for the byte order that makes
+// this land in natural column order.
+// With kMagic = 0 the dwords are instead the plain integers code(k) | code(k+1) << 16.
+template <int kMagic = 0x43>
+ALWAYS_INLINE void unpack_nibbles(const uint8_t* c, __m512i* P) {
+  const __m512i v = _mm512_loadu_si512(c);
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  const __m512i lo = _mm512_and_si512(v, m0f);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+  const __m512i u0 = _mm512_unpacklo_epi8(lo, hi);
+  const __m512i u1 = _mm512_unpackhi_epi8(lo, hi);
+  const __m512i mg = _mm512_set1_epi8(kMagic);
+  P[0] = _mm512_unpacklo_epi8(u0, mg);
+  P[1] = _mm512_unpackhi_epi8(u0, mg);
+  P[2] = _mm512_unpacklo_epi8(u1, mg);
+  P[3] = _mm512_unpackhi_epi8(u1, mg);
+}
+
+inline float load_f32(const float* p) { return *p; }
+inline uint32_t load_u32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline double load_f64(const void* p) {
+  double v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Micro-kernels: MR activation rows x 64 columns over one group's k-pairs [0, npairs). Each writes
+// res[r][v] = sum_k x[r, k] * (code[k, 16v + lane] + cb) in natural column order.
+// x points at row 0, column k0 of the group; rows are ldx apart.
+// ------------------------------------------------------------------------------------------------
+
+// 8-bit codes, fp32 activations. A 16-byte load is 8 columns x (k, k+1); the (x[k], x[k+1]) pair is
+// broadcast as one 64-bit value, so each accumulator lane pair (2i, 2i+1) holds column i's even- and
+// odd-k partial sums, added together once at the end of the group.
+struct I8F32 {
+  static constexpr int kMaxMR = 3;  // 8 accumulators per row
+  static constexpr float kCodeBias = 0.f;
+  static constexpr bool kBf16 = false;
+  static constexpr int kPairBytes = 2 * kBlockN;
+  template <int MR>
+  static ALWAYS_INLINE void run(const uint8_t* cp, int64_t npairs, const float* x, int64_t ldx, __m512 (*res)[kV]) {
+    __m512 acc[MR][2 * kV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 2 * kV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < npairs; ++p) {
+      const uint8_t* c = cp + p * kPairBytes;
+      __m512 xp[MR];
+      for (int r = 0; r < MR; ++r) xp[r] = _mm512_castpd_ps(_mm512_set1_pd(load_f64(x + r * ldx + 2 * p)));
+      for (int v = 0; v < 2 * kV; ++v) {
+        const __m512 w = u8x16_to_ps(c + 16 * v);
+        for (int r = 0; r < MR; ++r) acc[r][v] = _mm512_fmadd_ps(w, xp[r], acc[r][v]);
+      }
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v)
+        res[r][v] = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][2 * v], even, acc[r][2 * v + 1]),
+                                  _mm512_permutex2var_ps(acc[r][2 * v], odd, acc[r][2 * v + 1]));
+  }
+};
+
+// 8-bit codes, bf16 activations: two 16-byte loads -> 2 x 16 floats -> one vector of 16 BF16 pairs
+// (cvtne2ps2bf16 puts its second operand in the low half), then one vdpbf16ps per row.
+struct I8Bf16 {
+  static constexpr int kMaxMR = 6;
+  static constexpr float kCodeBias = 0.f;
+  static constexpr bool kBf16 = true;
+  static constexpr int kPairBytes = 2 * kBlockN;
+  template <int MR>
+  static ALWAYS_INLINE void run(const uint8_t* cp, int64_t npairs, const uint16_t* x, int64_t ldx,
+                                            __m512 (*res)[kV]) {
+    __m512 acc[MR][kV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < npairs; ++p) {
+      const uint8_t* c = cp + p * kPairBytes;
+      __m512bh xp[MR];
+      for (int r = 0; r < MR; ++r) xp[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(x + r * ldx + 2 * p)));
+      for (int v = 0; v < kV; ++v) {
+        const __m512bh w = _mm512_cvtne2ps_pbh(u8x16_to_ps(c + 32 * v + 16), u8x16_to_ps(c + 32 * v));
+        for (int r = 0; r < MR; ++r) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], w, xp[r]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v) res[r][v] = acc[r][v];
+  }
+};
+
+// Nibble codes, fp32 activations. The same unpack with 0 instead of 0x43 gives exact integer pairs,
+// converted with cvtdq2ps. (The +128 BF16 form would save the two conversions, but its cancellation
+// costs fp32 results ~5 bits -- relative error up to 4e-5 for 2-bit codes -- which is invisible in
+// BF16 but not acceptable for fp32 activations.)
+struct I4F32 {
+  static constexpr int kMaxMR = 5;
+  static constexpr float kCodeBias = 0.f;
+  static constexpr bool kBf16 = false;
+  static constexpr int kPairBytes = kBlockN;
+  template <int MR>
+  static ALWAYS_INLINE void run(const uint8_t* cp, int64_t npairs, const float* x, int64_t ldx, __m512 (*res)[kV]) {
+    __m512 acc[MR][kV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const __m512i lo_mask = _mm512_set1_epi32(0xffff);
+    for (int64_t p = 0; p < npairs; ++p) {
+      __m512i P[kV];
+      unpack_nibbles<0>(cp + p * kPairBytes, P);
+      for (int v = 0; v < kV; ++v) {
+        const __m512 e = _mm512_cvtepi32_ps(_mm512_and_si512(P[v], lo_mask));
+        const __m512 o = _mm512_cvtepi32_ps(_mm512_srli_epi32(P[v], 16));
+        for (int r = 0; r < MR; ++r) {
+          acc[r][v] = _mm512_fmadd_ps(e, _mm512_set1_ps(load_f32(x + r * ldx + 2 * p)), acc[r][v]);
+          acc[r][v] = _mm512_fmadd_ps(o, _mm512_set1_ps(load_f32(x + r * ldx + 2 * p + 1)), acc[r][v]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v) res[r][v] = acc[r][v];
+  }
+};
+
+// Nibble codes, bf16 activations: the unpacked dwords ARE the BF16 pairs; one vdpbf16ps per row.
+struct I4Bf16 {
+  static constexpr int kMaxMR = 6;
+  static constexpr float kCodeBias = 128.f;
+  static constexpr bool kBf16 = true;
+  static constexpr int kPairBytes = kBlockN;
+  template <int MR>
+  static ALWAYS_INLINE void run(const uint8_t* cp, int64_t npairs, const uint16_t* x, int64_t ldx,
+                                            __m512 (*res)[kV]) {
+    __m512 acc[MR][kV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < npairs; ++p) {
+      __m512i P[kV];
+      unpack_nibbles(cp + p * kPairBytes, P);
+      __m512bh xp[MR];
+      for (int r = 0; r < MR; ++r) xp[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(x + r * ldx + 2 * p)));
+      for (int v = 0; v < kV; ++v)
+        for (int r = 0; r < MR; ++r) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)P[v], xp[r]);
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kV; ++v) res[r][v] = acc[r][v];
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Output: fp32 -> out dtype, round to nearest even, only the columns < N.
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE __m256i ps_to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i rb = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                      _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, rb), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+ALWAYS_INLINE void store_out(void* out, OutType t, int64_t idx, __m512 v, __mmask16 mask) {
+  switch (t) {
+    case OutType::F32:
+      _mm512_mask_storeu_ps(static_cast<float*>(out) + idx, mask, v);
+      break;
+    case OutType::BF16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + idx, mask, ps_to_bf16(v));
+      break;
+    case OutType::F16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + idx, mask,
+                               _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+  }
+}
+
+ALWAYS_INLINE __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The small-M driver: blocks [b0, b1), all M rows.
+// ------------------------------------------------------------------------------------------------
+template <class K, int MR, class X>
+ALWAYS_INLINE void tile_group(const uint8_t* cp, int64_t npairs, const X* x, int64_t ldx, int64_t g, int64_t G,
+                              const float* xsum, const __m512* s, const __m512* zc, float* total) {
+  __m512 res[MR][kV];
+  K::template run<MR>(cp, npairs, x, ldx, res);
+  for (int r = 0; r < MR; ++r) {
+    const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
+    float* t = total + r * kBlockN;
+    for (int v = 0; v < kV; ++v) {
+      const __m512 d = _mm512_fnmadd_ps(zc[v], xs, res[r][v]);  // sum x*(q+cb) - (z+cb)*sum x
+      _mm512_storeu_ps(t + 16 * v, _mm512_fmadd_ps(s[v], d, _mm512_loadu_ps(t + 16 * v)));
+    }
+  }
+}
+
+template <class K, class X>
+ALWAYS_INLINE void dispatch_tile(int mr, const uint8_t* cp, int64_t npairs, const X* x, int64_t ldx, int64_t g,
+                                 int64_t G, const float* xsum, const __m512* s, const __m512* zc, float* total) {
+  switch (mr) {
+    case 1: tile_group<K, 1>(cp, npairs, x, ldx, g, G, xsum, s, zc, total); break;
+    case 2: tile_group<K, 2>(cp, npairs, x, ldx, g, G, xsum, s, zc, total); break;
+    case 3: tile_group<K, 3>(cp, npairs, x, ldx, g, G, xsum, s, zc, total); break;
+    case 4: if constexpr (K::kMaxMR >= 4) tile_group<K, 4>(cp, npairs, x, ldx, g, G, xsum, s, zc, total); break;
+    case 5: if constexpr (K::kMaxMR >= 5) tile_group<K, 5>(cp, npairs, x, ldx, g, G, xsum, s, zc, total); break;
+    case 6: if constexpr (K::kMaxMR >= 6) tile_group<K, 6>(cp, npairs, x, ldx, g, G, xsum, s, zc, total); break;
+    default: break;
+  }
+}
+
+template <class K>
+ALWAYS_INLINE void small_m_impl(const GemmArgs& a, int64_t b0, int64_t b1, float* total) {
+  using X = typename std::conditional_t<K::kBf16, uint16_t, float>;
+  const X* xg;
+  if constexpr (K::kBf16) xg = a.xb; else xg = a.xf;
+  const int64_t M = a.M, Kp = a.Kp, G = a.G;
+  // Row tiles as even as possible: M = 7 with MR <= 6 runs 4 + 3, not 6 + 1.
+  const int64_t ntiles = (M + K::kMaxMR - 1) / K::kMaxMR;
+  const int64_t mr_base = M / ntiles, mr_extra = M % ntiles;
+  __m512 s[kV], zc[kV];
+  for (int64_t b = b0; b < b1; ++b) {
+    std::memset(total, 0, static_cast<size_t>(M * kBlockN) * sizeof(float));
+    const uint8_t* cb = a.codes + b * (Kp / 2) * K::kPairBytes;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
+      if (k1 <= k0) continue;
+      // Ask for the next group's codes early: the hardware prefetcher does the rest of the stream.
+      if (g + 1 < G) _mm_prefetch(reinterpret_cast<const char*>(cb + (k1 / 2) * K::kPairBytes), _MM_HINT_T0);
+      load_group_terms(a, b, g, K::kCodeBias, s, zc);
+      int64_t m0 = 0;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int mr = static_cast<int>(mr_base + (t < mr_extra ? 1 : 0));
+        dispatch_tile<K>(mr, cb + (k0 / 2) * K::kPairBytes, (k1 - k0) / 2, xg + m0 * Kp + k0, Kp, g, G,
+                         a.xsum + m0 * G, s, zc, total + m0 * kBlockN);
+        m0 += mr;
+      }
+    }
+    const int64_t n0 = b * kBlockN;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int v = 0; v < kV; ++v) {
+        const int64_t n = n0 + 16 * v;
+        if (n >= a.N) break;
+        const __mmask16 mask = tail_mask(a.N - n);
+        __m512 y = _mm512_loadu_ps(total + m * kBlockN + 16 * v);
+        if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, a.bias + n));
+        store_out(a.out, a.out_type, m * a.ldo + n, y, mask);
+      }
+    }
+  }
+}
+
+template <class K>
+void small_m_entry(const GemmArgs& a, int64_t b0, int64_t b1, float* total) {
+  small_m_impl<K>(a, b0, b1, total);
+}
+template <class K>
+void small_m_entry_bf16(const GemmArgs& a, int64_t b0, int64_t b1, float* total) {
+  small_m_impl<K>(a, b0, b1, total);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dequantization into a [Kp][ldo] tile (the large-M path and the dequant op).
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE void store_row16(const DequantArgs& a, int64_t row, int64_t col, __m512 w) {
+  store_out(a.out, a.out_type, row * a.ldo + col, w, static_cast<__mmask16>(0xffff));
+}
+
+void dequant_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
+  const bool nib = a.bits != 8;
+  const float cb = nib ? 128.f : 0.f;
+  const int64_t pb = nib ? kBlockN : 2 * kBlockN;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 s[kV], zc[kV];
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* cbk = a.codes + b * (a.Kp / 2) * pb;
+    const int64_t col = (b - a.b_origin) * kBlockN;
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
+      if (k1 <= k0) continue;
+      load_group_terms(a, b, g, cb, s, zc);
+      for (int64_t k = k0; k < k1; k += 2) {
+        const uint8_t* c = cbk + (k / 2) * pb;
+        if (nib) {
+          __m512i P[kV];
+          unpack_nibbles(c, P);
+          for (int v = 0; v < kV; ++v) {
+            const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(P[v], 16));
+            const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(P[v], hi_mask));
+            // (128 + q) - (128 + z) is exact; one rounding in the multiply, as format.dequantize.
+            store_row16(a, k, col + 16 * v, _mm512_mul_ps(_mm512_sub_ps(e, zc[v]), s[v]));
+            store_row16(a, k + 1, col + 16 * v, _mm512_mul_ps(_mm512_sub_ps(o, zc[v]), s[v]));
+          }
+        } else {
+          for (int v = 0; v < kV; ++v) {
+            const __m512 lo = u8x16_to_ps(c + 32 * v), hi = u8x16_to_ps(c + 32 * v + 16);
+            const __m512 r0 = _mm512_permutex2var_ps(lo, even, hi), r1 = _mm512_permutex2var_ps(lo, odd, hi);
+            store_row16(a, k, col + 16 * v, _mm512_mul_ps(_mm512_sub_ps(r0, zc[v]), s[v]));
+            store_row16(a, k + 1, col + 16 * v, _mm512_mul_ps(_mm512_sub_ps(r1, zc[v]), s[v]));
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+namespace avx512 {
+
+bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
+  float* total = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(((a.M * kBlockN * 4 + 63) / 64) * 64)));
+  if (!total) return false;
+  if (a.bits == 8) {
+    if (bf16_dot) small_m_entry_bf16<I8Bf16>(a, b0, b1, total);
+    else small_m_entry<I8F32>(a, b0, b1, total);
+  } else {
+    if (bf16_dot) small_m_entry_bf16<I4Bf16>(a, b0, b1, total);
+    else small_m_entry<I4F32>(a, b0, b1, total);
+  }
+  std::free(total);
+  return true;
+}
+
+bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
+  dequant_impl(a, b0, b1);
+  return true;
+}
+
+}  // namespace avx512
+}  // namespace gptq_cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+namespace gptq_cpu {
+bool avx512_compiled() { return true; }
+}  // namespace gptq_cpu
+
+#else  // not x86-64
+
+namespace gptq_cpu {
+namespace avx512 {
+bool small_m(const GemmArgs&, int64_t, int64_t, bool) { return false; }
+bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
+}  // namespace avx512
+bool avx512_compiled() { return false; }
+}  // namespace gptq_cpu
+#endif

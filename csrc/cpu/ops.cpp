@@ -1,0 +1,552 @@
+// Torch glue for the CPU GPTQ kernels: argument checks, activation gather, ISA dispatch, the small-M
+// (fused, bandwidth-bound) and large-M (dequantize tiles + ATen GEMM) paths, and the op registration.
+//
+// Ops (namespace gptq_ascend, all CPU; fake/meta implementations are registered from Python in
+// gptq_ascend/backends/cpu.py with torch.library.register_fake so torch.compile can trace them):
+//   cpu_gemm(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr,
+//            Tensor? bias, int bits, float sym_zero, int in_features, int out_features) -> Tensor
+//   cpu_gemm.out(..., *, Tensor(a!) out) -> Tensor(a!)
+//   cpu_dequant(Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, int bits,
+//               float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor
+//   cpu_kernel_config(str isa="", int small_m_max=-1) -> str
+// The packed tensors are described in kernel.h and produced by CPUBackend.repack.
+//
+// This file is compiled at the baseline ISA; it only calls into the AVX-512/AVX2 units after checking
+// the CPU at run time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernel.h"
+
+namespace gptq_cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// ISA selection and tunables
+// ---------------------------------------------------------------------------------------------------
+enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2 };
+
+struct Config {
+  Isa isa = Isa::Generic;
+  bool bf16_dot = false;  // AVX512-BF16 present: bf16 activations use vdpbf16ps
+  // Largest M the fused kernel takes; above it, tiles are dequantized and multiplied by ATen's GEMM.
+  // Picked by measurement (docs/cpu-kernel.md): the fused kernel does the multiply-adds itself at
+  // 16 (fp32) or 32 (bf16 dot) MACs per instruction, ATen's GEMM reaches the same peak but only
+  // pays off once it amortizes the dequantization of each tile over enough rows.
+  int64_t small_m_max_bf16 = 32;
+  int64_t small_m_max_f32 = 16;
+};
+
+bool cpu_has(const char* feature) {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (!std::strcmp(feature, "avx512")) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  if (!std::strcmp(feature, "avx512bf16")) return __builtin_cpu_supports("avx512bf16");
+  if (!std::strcmp(feature, "avx2")) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
+#else
+  (void)feature;
+#endif
+  return false;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+Isa best_isa() {
+  if (avx512_compiled() && cpu_has("avx512")) return Isa::Avx512;
+  if (avx2_compiled() && cpu_has("avx2")) return Isa::Avx2;
+  return Isa::Generic;
+}
+
+// Set the ISA by name; TORCH_CHECKs that this CPU can run it.
+void set_isa(Config& c, const std::string& name) {
+  if (name == "auto") {
+    c.isa = best_isa();
+  } else if (name == "avx512") {
+    TORCH_CHECK(avx512_compiled() && cpu_has("avx512"),
+                "gptq_ascend cpu: isa 'avx512' requested but this CPU lacks AVX-512 F/BW/VL/DQ");
+    c.isa = Isa::Avx512;
+  } else if (name == "avx2") {
+    TORCH_CHECK(avx2_compiled() && cpu_has("avx2"),
+                "gptq_ascend cpu: isa 'avx2' requested but this CPU lacks AVX2/FMA/F16C");
+    c.isa = Isa::Avx2;
+  } else if (name == "generic") {
+    c.isa = Isa::Generic;
+  } else {
+    TORCH_CHECK(false, "gptq_ascend cpu: unknown isa '", name, "'; expected one of auto, avx512, avx2, generic");
+  }
+  c.bf16_dot = c.isa == Isa::Avx512 && cpu_has("avx512bf16");
+}
+
+Config make_config() {
+  Config c;
+  const char* env = std::getenv("GPTQ_ASCEND_CPU_ISA");
+  set_isa(c, env && *env ? std::string(env) : std::string("auto"));
+  if (const char* m = std::getenv("GPTQ_ASCEND_CPU_SMALL_M_MAX")) {
+    const long v = std::strtol(m, nullptr, 10);
+    if (v >= 0) c.small_m_max_bf16 = c.small_m_max_f32 = v;
+  }
+  return c;
+}
+
+std::mutex g_config_mutex;
+Config& config() {
+  static Config c = make_config();
+  return c;
+}
+
+std::string describe(const Config& c) {
+  return std::string("isa=") + isa_name(c.isa) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
+         " small_m_max_bf16=" + std::to_string(c.small_m_max_bf16) +
+         " small_m_max_f32=" + std::to_string(c.small_m_max_f32) +
+         " threads=" + std::to_string(at::get_num_threads());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Argument checks: every message says what was expected.
+// ---------------------------------------------------------------------------------------------------
+struct Packed {
+  at::Tensor codes, scales, row_map, group_ptr;
+  c10::optional<at::Tensor> zeros;
+  int64_t bits, K, N, Kp, G, nblk;
+  float sym_zero;
+};
+
+Packed check_packed(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& zeros, const at::Tensor& row_map, const at::Tensor& group_ptr,
+                    int64_t bits, double sym_zero, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(in_features > 0 && out_features > 0, op, ": in_features and out_features must be positive, got ",
+              in_features, " and ", out_features);
+  for (const auto* t : {&codes, &scales, &row_map, &group_ptr}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": packed tensors must be on the CPU, got one on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), op, ": packed tensors must be contiguous (as CPUBackend.repack makes them)");
+  }
+  TORCH_CHECK(row_map.scalar_type() == at::kInt && row_map.dim() == 1, op,
+              ": row_map must be a 1-D int32 tensor, got ", row_map.scalar_type(), " ", row_map.sizes());
+  const int64_t Kp = row_map.numel();
+  TORCH_CHECK(Kp >= in_features && Kp % 2 == 0, op, ": row_map must have an even length >= in_features (",
+              in_features, "), got ", Kp);
+  TORCH_CHECK(group_ptr.scalar_type() == at::kInt && group_ptr.dim() == 1 && group_ptr.numel() >= 2, op,
+              ": group_ptr must be a 1-D int32 tensor of G+1 >= 2 offsets, got ", group_ptr.scalar_type(), " ",
+              group_ptr.sizes());
+  const int64_t G = group_ptr.numel() - 1;
+  const int32_t* gp = group_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(gp[0] == 0 && gp[G] == Kp, op, ": group_ptr must run from 0 to len(row_map) = ", Kp, ", got ", gp[0],
+              " .. ", gp[G]);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(gp[g + 1] >= gp[g] && gp[g] % 2 == 0, op,
+                ": group_ptr must be non-decreasing even offsets; entry ", g, " is ", gp[g], " -> ", gp[g + 1]);
+  }
+  const int64_t nblk = (out_features + kBlockN - 1) / kBlockN;
+  const int64_t pair_bytes = bits == 8 ? 2 * kBlockN : kBlockN;
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(codes.numel() == nblk * (Kp / 2) * pair_bytes, op, ": codes must hold ", nblk, " blocks x ", Kp / 2,
+              " k-pairs x ", pair_bytes, " bytes for out_features=", out_features, " bits=", bits, ", got ",
+              codes.numel(), " bytes");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, op,
+              ": scales must be float16 or float32, got ", scales.scalar_type());
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == nblk && scales.size(1) == G && scales.size(2) == kBlockN, op,
+              ": scales must have shape [", nblk, ", ", G, ", ", kBlockN, "], got ", scales.sizes());
+  if (zeros.has_value()) {
+    const auto& z = *zeros;
+    TORCH_CHECK(z.device().is_cpu() && z.is_contiguous() && z.scalar_type() == at::kByte, op,
+                ": zeros must be a contiguous uint8 CPU tensor, got ", z.scalar_type(), " on ", z.device());
+    TORCH_CHECK(z.sizes() == scales.sizes(), op, ": zeros must have the shape of scales ", scales.sizes(), ", got ",
+                z.sizes());
+  }
+  return Packed{codes, scales, row_map, group_ptr, zeros, bits, in_features, out_features, Kp, G, nblk,
+                static_cast<float>(sym_zero)};
+}
+
+void check_x(const char* op, const at::Tensor& x, const Packed& p) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == p.K, op, ": x must have shape [..., ", p.K, "] (in_features), got ",
+              x.sizes());
+}
+
+void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const Packed& p) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got one on ", bias->device());
+  TORCH_CHECK(bias->is_floating_point(), op, ": bias must be a floating-point tensor, got ", bias->scalar_type());
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.N, op, ": bias must have shape [", p.N,
+              "] (out_features), got ", bias->sizes());
+}
+
+OutType out_type_of(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return OutType::F32;
+    case at::kBFloat16: return OutType::BF16;
+    case at::kHalf: return OutType::F16;
+    default: TORCH_CHECK(false, "gptq_ascend cpu: unsupported output dtype ", st);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Running block ranges on all threads. Blocks are handed out from an atomic counter rather than split
+// statically: on a shared machine one core is often slowed by a neighbour, and a static split would
+// leave the other core idle at the end.
+// ---------------------------------------------------------------------------------------------------
+template <class F>
+void parallel_blocks(int64_t nblk, const F& fn) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), nblk);
+  if (nt <= 1 || at::in_parallel_region()) {
+    fn(0, nblk);
+    return;
+  }
+  // Chunks of ~1/8 of a thread's share: big enough to stream, small enough to balance.
+  const int64_t chunk = std::max<int64_t>(1, nblk / (nt * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (;;) {
+        const int64_t b = next.fetch_add(chunk);
+        if (b >= nblk) break;
+        fn(b, std::min(b + chunk, nblk));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Small M: gather x through row_map (fp32, or raw bf16 bits for the dot path) and the per-group sums,
+// then the fused kernel.
+// ---------------------------------------------------------------------------------------------------
+template <class T>
+float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+template <class T>
+void gather_f32(const T* x, int64_t M, int64_t K, const Packed& p, float* xf, float* xsum) {
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xm = x + m * K;
+    float* dst = xf + m * p.Kp;
+    for (int64_t g = 0; g < p.G; ++g) {
+      float s = 0.f;
+      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
+        const int32_t r = rm[i];
+        const float v = r >= 0 ? to_f32(xm[r]) : 0.f;
+        dst[i] = v;
+        s += v;
+      }
+      xsum[m * p.G + g] = s;
+    }
+  }
+}
+
+void gather_bf16(const at::BFloat16* x, int64_t M, int64_t K, const Packed& p, uint16_t* xb, float* xsum) {
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const at::BFloat16* xm = x + m * K;
+    uint16_t* dst = xb + m * p.Kp;
+    for (int64_t g = 0; g < p.G; ++g) {
+      float s = 0.f;
+      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
+        const int32_t r = rm[i];
+        if (r >= 0) {
+          dst[i] = xm[r].x;
+          s += static_cast<float>(xm[r]);
+        } else {
+          dst[i] = 0;
+        }
+      }
+      xsum[m * p.G + g] = s;
+    }
+  }
+}
+
+GemmArgs base_args(const Packed& p) {
+  GemmArgs a;
+  a.N = p.N;
+  a.Kp = p.Kp;
+  a.G = p.G;
+  a.nblk = p.nblk;
+  a.bits = static_cast<int>(p.bits);
+  a.codes = p.codes.data_ptr<uint8_t>();
+  a.scales = p.scales.data_ptr();
+  a.scales_f16 = p.scales.scalar_type() == at::kHalf;
+  a.zeros = p.zeros.has_value() ? p.zeros->data_ptr<uint8_t>() : nullptr;
+  a.sym_zero = p.sym_zero;
+  a.group_ptr = p.group_ptr.data_ptr<int32_t>();
+  return a;
+}
+
+DequantArgs dequant_args(const Packed& p) {
+  DequantArgs d;
+  d.Kp = p.Kp;
+  d.G = p.G;
+  d.nblk = p.nblk;
+  d.bits = static_cast<int>(p.bits);
+  d.codes = p.codes.data_ptr<uint8_t>();
+  d.scales = p.scales.data_ptr();
+  d.scales_f16 = p.scales.scalar_type() == at::kHalf;
+  d.zeros = p.zeros.has_value() ? p.zeros->data_ptr<uint8_t>() : nullptr;
+  d.sym_zero = p.sym_zero;
+  d.group_ptr = p.group_ptr.data_ptr<int32_t>();
+  return d;
+}
+
+void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
+                 at::Tensor& out2) {
+  const int64_t M = x2.size(0);
+  const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
+  GemmArgs a = base_args(p);
+  a.M = M;
+  std::vector<float> xsum(static_cast<size_t>(M * p.G));
+  std::vector<float> xf;
+  std::vector<uint16_t> xb;
+  if (dot) {
+    xb.resize(static_cast<size_t>(M * p.Kp));
+    gather_bf16(x2.data_ptr<at::BFloat16>(), M, p.K, p, xb.data(), xsum.data());
+    a.xb = xb.data();
+  } else {
+    xf.resize(static_cast<size_t>(M * p.Kp));
+    switch (x2.scalar_type()) {
+      case at::kFloat: gather_f32(x2.data_ptr<float>(), M, p.K, p, xf.data(), xsum.data()); break;
+      case at::kBFloat16: gather_f32(x2.data_ptr<at::BFloat16>(), M, p.K, p, xf.data(), xsum.data()); break;
+      default: gather_f32(x2.data_ptr<at::Half>(), M, p.K, p, xf.data(), xsum.data()); break;
+    }
+    a.xf = xf.data();
+  }
+  a.xsum = xsum.data();
+  at::Tensor bias32;
+  if (bias.has_value()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    a.bias = bias32.data_ptr<float>();
+  }
+  a.out = out2.data_ptr();
+  a.ldo = out2.stride(0);
+  a.out_type = out_type_of(out2.scalar_type());
+  const Isa isa = cfg.isa;
+  std::atomic<bool> ok{true};
+  parallel_blocks(p.nblk, [&](int64_t b0, int64_t b1) {
+    bool r;
+    switch (isa) {
+      case Isa::Avx512: r = avx512::small_m(a, b0, b1, dot); break;
+      case Isa::Avx2: r = avx2::small_m(a, b0, b1); break;
+      default: r = generic::small_m(a, b0, b1); break;
+    }
+    if (!r) ok = false;
+  });
+  TORCH_CHECK(ok.load(), "gptq_ascend::cpu_gemm: out of memory for the per-thread accumulators (M=", M, ")");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dequantization of blocks [b0, b1) into a [Kp][ldo] tensor (fp32 or bf16), in parallel.
+// ---------------------------------------------------------------------------------------------------
+void dequant_blocks(const Config& cfg, const Packed& p, int64_t b0, int64_t b1, at::Tensor& dst) {
+  DequantArgs d = dequant_args(p);
+  d.out = dst.data_ptr();
+  d.ldo = dst.stride(0);
+  d.b_origin = b0;
+  d.out_type = out_type_of(dst.scalar_type());
+  const Isa isa = cfg.isa;
+  parallel_blocks(b1 - b0, [&](int64_t c0, int64_t c1) {
+    switch (isa) {
+      case Isa::Avx512: avx512::dequant(d, b0 + c0, b0 + c1); break;
+      case Isa::Avx2: avx2::dequant(d, b0 + c0, b0 + c1); break;
+      default: generic::dequant(d, b0 + c0, b0 + c1); break;
+    }
+  });
+}
+
+// x [M, K] -> [M, Kp] in the kernel's row order (pads zero), dtype `ct`. Identity row maps (no
+// act-order, no padding) skip the gather.
+at::Tensor gather_rows(const at::Tensor& x2, const Packed& p, at::ScalarType ct) {
+  at::Tensor xc = x2.scalar_type() == ct ? x2 : x2.to(ct);
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  bool identity = p.Kp == p.K;
+  for (int64_t i = 0; identity && i < p.Kp; ++i) identity = rm[i] == i;
+  if (identity) return xc;
+  at::Tensor idx = p.row_map.to(at::kLong);
+  at::Tensor pad = idx.lt(0);
+  at::Tensor xg = xc.index_select(1, idx.clamp_min(0));
+  xg.masked_fill_(pad.unsqueeze(0), 0);
+  return xg;
+}
+
+// Large M: dequantize column tiles into a reused buffer and hand each to ATen's GEMM (oneDNN/MKL).
+// Tiles of ~kTileBytes keep the freshly written weights in L2 while the GEMM reads them.
+void run_large_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
+                 at::Tensor& out2) {
+  // bf16 activations multiply bf16 weights (what dense BF16 runs); fp32 and fp16 use an fp32 GEMM
+  // (CPUs without AVX512-FP16 have no fast fp16 GEMM, and fp32 keeps every bit of both).
+  const at::ScalarType ct = x2.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const int64_t elt = ct == at::kBFloat16 ? 2 : 4;
+  constexpr int64_t kTileBytes = 2 << 20;
+  const int64_t tile_blocks = std::max<int64_t>(1, std::min<int64_t>(p.nblk, kTileBytes / (p.Kp * kBlockN * elt)));
+  at::Tensor xg = gather_rows(x2, p, ct);
+  at::Tensor wbuf = at::empty({p.Kp, tile_blocks * kBlockN}, x2.options().dtype(ct));
+  c10::optional<at::Tensor> bias_c;
+  if (bias.has_value()) bias_c = bias->to(ct);
+  const bool direct = out2.scalar_type() == ct;
+  for (int64_t b0 = 0; b0 < p.nblk; b0 += tile_blocks) {
+    const int64_t b1 = std::min(b0 + tile_blocks, p.nblk);
+    dequant_blocks(cfg, p, b0, b1, wbuf);
+    const int64_t n0 = b0 * kBlockN;
+    const int64_t nv = std::min(b1 * kBlockN, p.N) - n0;
+    at::Tensor w = wbuf.narrow(1, 0, nv);
+    at::Tensor dst = out2.narrow(1, n0, nv);
+    if (direct) {
+      if (bias_c) at::addmm_out(dst, bias_c->narrow(0, n0, nv), xg, w);
+      else at::mm_out(dst, xg, w);
+    } else {
+      dst.copy_(bias_c ? at::addmm(bias_c->narrow(0, n0, nv), xg, w) : at::mm(xg, w));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------------------------------
+void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  const at::Tensor x2 = x.reshape({-1, p.K}).contiguous();
+  at::Tensor out2 = out.view({-1, p.N});
+  const int64_t M = x2.size(0);
+  if (M == 0) return;
+  Config cfg;
+  {
+    std::lock_guard<std::mutex> lock(g_config_mutex);
+    cfg = config();
+  }
+  const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
+  const int64_t small_max = dot ? cfg.small_m_max_bf16 : cfg.small_m_max_f32;
+  if (M <= small_max) run_small_m(cfg, x2, p, bias, out2);
+  else run_large_m(cfg, x2, p, bias, out2);
+}
+
+at::Tensor cpu_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& zeros, const at::Tensor& row_map, const at::Tensor& group_ptr,
+                    const c10::optional<at::Tensor>& bias, int64_t bits, double sym_zero, int64_t in_features,
+                    int64_t out_features) {
+  const char* op = "gptq_ascend::cpu_gemm";
+  Packed p = check_packed(op, codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features, out_features);
+  check_x(op, x, p);
+  check_bias(op, bias, p);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = at::empty(shape, x.options());
+  gemm_into(x, p, bias, out);
+  return out;
+}
+
+at::Tensor& cpu_gemm_out(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& zeros, const at::Tensor& row_map,
+                         const at::Tensor& group_ptr, const c10::optional<at::Tensor>& bias, int64_t bits,
+                         double sym_zero, int64_t in_features, int64_t out_features, at::Tensor& out) {
+  const char* op = "gptq_ascend::cpu_gemm.out";
+  Packed p = check_packed(op, codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features, out_features);
+  check_x(op, x, p);
+  check_bias(op, bias, p);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  TORCH_CHECK(out.device().is_cpu(), op, ": out must be a CPU tensor, got one on ", out.device());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have x's dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), op, ": out must have shape ", at::IntArrayRef(shape), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  gemm_into(x, p, bias, out);
+  return out;
+}
+
+at::Tensor cpu_dequant(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                       const at::Tensor& row_map, const at::Tensor& group_ptr, int64_t bits, double sym_zero,
+                       int64_t in_features, int64_t out_features, at::ScalarType dtype) {
+  const char* op = "gptq_ascend::cpu_dequant";
+  Packed p = check_packed(op, codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features, out_features);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble, op,
+              ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  Config cfg;
+  {
+    std::lock_guard<std::mutex> lock(g_config_mutex);
+    cfg = config();
+  }
+  // fp32 is exact ((q - z) * s has <= 20 significant bits); bf16 rounds once from it in the kernel;
+  // fp16/fp64 convert from fp32 (one rounding, or none), as format.dequantize does.
+  const at::ScalarType kt = dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor wp = at::empty({p.Kp, p.nblk * kBlockN}, codes.options().dtype(kt));
+  dequant_blocks(cfg, p, 0, p.nblk, wp);
+  // Back to checkpoint row order: checkpoint row r sits at padded row i where row_map[i] == r.
+  std::vector<int64_t> inv(static_cast<size_t>(p.K), -1);
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  for (int64_t i = 0; i < p.Kp; ++i) {
+    if (rm[i] >= 0) {
+      TORCH_CHECK(rm[i] < p.K && inv[rm[i]] < 0, op, ": row_map must name each of the ", p.K,
+                  " input rows once; entry ", i, " is ", rm[i]);
+      inv[rm[i]] = i;
+    }
+  }
+  for (int64_t r = 0; r < p.K; ++r) TORCH_CHECK(inv[r] >= 0, op, ": row_map never names input row ", r);
+  at::Tensor idx = at::from_blob(inv.data(), {p.K}, at::kLong).clone();
+  at::Tensor w = wp.index_select(0, idx).narrow(1, 0, p.N);
+  return w.to(dtype).contiguous();
+}
+
+std::string cpu_kernel_config(const std::string& isa, int64_t small_m_max) {
+  std::lock_guard<std::mutex> lock(g_config_mutex);
+  Config& c = config();
+  if (!isa.empty()) set_isa(c, isa);
+  if (small_m_max >= 0) c.small_m_max_bf16 = c.small_m_max_f32 = small_m_max;
+  return describe(c);
+}
+
+}  // namespace
+}  // namespace gptq_cpu
+
+// The namespace is shared with the Ascend library's ops, hence FRAGMENT: either library may be loaded
+// first, and TORCH_LIBRARY would forbid the second from defining ops in `gptq_ascend`.
+TORCH_LIBRARY_FRAGMENT(gptq_ascend, m) {
+  m.def(
+      "cpu_gemm(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, "
+      "Tensor? bias, int bits, float sym_zero, int in_features, int out_features) -> Tensor");
+  m.def(
+      "cpu_gemm.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, "
+      "Tensor? bias, int bits, float sym_zero, int in_features, int out_features, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def(
+      "cpu_dequant(Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, int bits, "
+      "float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor");
+  // No tensor arguments, so no dispatch key: registered as a catch-all kernel.
+  m.def("cpu_kernel_config(str isa=\"\", int small_m_max=-1) -> str", &gptq_cpu::cpu_kernel_config);
+}
+
+TORCH_LIBRARY_IMPL(gptq_ascend, CPU, m) {
+  m.impl("cpu_gemm", &gptq_cpu::cpu_gemm);
+  m.impl("cpu_gemm.out", &gptq_cpu::cpu_gemm_out);
+  m.impl("cpu_dequant", &gptq_cpu::cpu_dequant);
+}
+
+// `import gptq_ascend._C` loads this library, which runs the registrations above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "gptq-ascend CPU kernels (torch.ops.gptq_ascend)",
+                                      -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,188 @@
+"""The CPU backend: GPTQ layers through the fused dequant-GEMM kernel of ``csrc/cpu`` (``gptq_ascend._C``).
+
+``repack`` turns a checkpoint layer into the layout the kernel streams (described in full in
+``csrc/cpu/kernel.h``); every GPTQ detail (bit order, the v1 zero-point offset, act-order) comes from
+:mod:`gptq_ascend.format`. ``PackedWeight.tensors``:
+
+=============  =========================================  ==================================================
+name           dtype / shape                              meaning
+=============  =========================================  ==================================================
+``codes``      uint8 ``[nblk, Kp/2, 128]`` (8-bit) or     unsigned codes, N in blocks of 64 columns, K in
+               ``[nblk, Kp/2, 64]`` (2/3/4-bit)           (k, k+1) pairs; 8-bit: bytes [column][k, k+1];
+                                                          <=4-bit: byte = q(k) | q(k+1) << 4, columns in
+                                                          the order the AVX-512 unpack wants
+``scales``     float16 (checkpoint fp16) or float32       per stored group and column; N padded to 64
+               ``[nblk, G', 64]``
+``zeros``      uint8 ``[nblk, G', 64]``, only when the    the TRUE zero points z (v1 "+1" already applied by
+               zero points are not all 2**(bits-1)        ``format.unpack_zeros``)
+``row_map``    int32 ``[Kp]``                             checkpoint row feeding each padded row; -1 = pad
+``group_ptr``  int32 ``[G' + 1]``                         padded row where each stored group starts
+=============  =========================================  ==================================================
+
+``Kp`` is K after the act-order permutation and padding each group to an even number of rows; ``G'``
+counts the groups that own at least one row. ``gemm`` takes ``x`` in checkpoint order: the kernel
+gathers it through ``row_map`` while converting it, so ``PackedWeight.perm`` stays None.
+
+Ops (``torch.ops.gptq_ascend``; fake implementations below so torch.compile can trace them):
+``cpu_gemm``, ``cpu_gemm.out``, ``cpu_dequant``, ``cpu_kernel_config``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import format as fmt
+from ..errors import BackendError
+from ..ops import Backend, PackedWeight, check_gemm_args, register_backend
+
+BLOCK_N = 64
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:  # importing the extension registers torch.ops.gptq_ascend.cpu_*
+    from .. import _C  # noqa: F401
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # not built: the backend registers anyway and says why it is unavailable
+    _IMPORT_ERROR = str(e)
+
+
+def _register_fakes() -> None:
+    """Meta/fake implementations: output shapes and dtypes only, for torch.compile and FakeTensor."""
+    lib = "gptq_ascend"
+
+    @torch.library.register_fake(f"{lib}::cpu_gemm")
+    def _gemm_fake(x, codes, scales, zeros, row_map, group_ptr, bias, bits, sym_zero, in_features,
+                   out_features):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake(f"{lib}::cpu_gemm.out")
+    def _gemm_out_fake(x, codes, scales, zeros, row_map, group_ptr, bias, bits, sym_zero, in_features,
+                       out_features, *, out):
+        return out
+
+    @torch.library.register_fake(f"{lib}::cpu_dequant")
+    def _dequant_fake(codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features,
+                      out_features, dtype):
+        return codes.new_empty((in_features, out_features), dtype=dtype)
+
+
+if _IMPORT_ERROR is None:
+    _register_fakes()
+
+
+def _nibble_byte_of_column() -> torch.Tensor:
+    """For a 64-column block: the byte that holds column n in the <=4-bit layout (see kernel.h)."""
+    n = torch.arange(BLOCK_N)
+    return ((n >> 2) & 3) * 16 + (n >> 4) * 4 + (n & 3)
+
+
+class CPUBackend(Backend):
+    """Fused dequant-GEMM on x86 CPUs (AVX-512 / AVX2 / portable, picked at run time)."""
+
+    name = "cpu"
+    compile_safe = True  # gemm is one registered op with a fake impl: torch.compile may trace it
+
+    def available(self) -> tuple[bool, str]:
+        if _IMPORT_ERROR is not None:
+            return False, (f"the C++ extension gptq_ascend._C is not built ({_IMPORT_ERROR}); build it with "
+                           "`make env` or `python setup.py build_ext --inplace`")
+        return True, ""
+
+    def can_implement(self, spec: fmt.QuantSpec, in_features: int, out_features: int) -> tuple[bool, str]:
+        if spec.bits not in (2, 3, 4, 8):
+            return False, f"{spec.bits}-bit weights are not supported (2, 3, 4, 8 are)"
+        if in_features <= 0 or out_features <= 0:
+            return False, f"empty layer ({in_features} -> {out_features})"
+        if 2 * in_features >= 2**31:
+            return False, f"in_features {in_features} does not fit the int32 row map"
+        return True, ""
+
+    # ---- load time -------------------------------------------------------------------------------
+
+    def repack(self, t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int) -> PackedWeight:
+        k = fmt.validate_layer("layer", t, spec, in_features)
+        n = t.out_features
+        q = fmt.unpack_weight_codes(t, spec, k)                 # [K, N] int32, unsigned codes
+        z = fmt.unpack_zeros(t.qzeros.cpu(), spec, n)           # [G, N] int32, true zero points
+        g_idx = (t.g_idx if t.g_idx is not None else fmt.default_g_idx(k, spec.group_size)).to(torch.int64).cpu()
+        perm = fmt.act_order_perm(g_idx)
+        order = perm if perm is not None else torch.arange(k)
+        sorted_groups = g_idx[order]
+
+        # Stored groups: the runs of equal group id in kernel order, each padded to an even row count.
+        ids, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
+        padded = counts + (counts & 1)
+        group_ptr = torch.zeros(len(ids) + 1, dtype=torch.int64)
+        group_ptr[1:] = torch.cumsum(padded, 0)
+        kp = int(group_ptr[-1])
+        # Row i of `order` lands at padded row i + (pads of the groups before its own).
+        run = torch.repeat_interleave(torch.arange(len(ids)), counts)
+        pads_before = group_ptr[:-1] - (torch.cumsum(counts, 0) - counts)
+        dest = torch.arange(k) + pads_before[run]
+        row_map = torch.full((kp,), -1, dtype=torch.int32)
+        row_map[dest] = order.to(torch.int32)
+
+        nblk = -(-n // BLOCK_N)
+        npad = nblk * BLOCK_N
+        codes = torch.zeros(kp, npad, dtype=torch.uint8)
+        codes[dest, :n] = q[order].to(torch.uint8)
+        if spec.bits == 8:
+            # [Kp/2, 2, nblk, 64] -> [nblk, Kp/2, 64, 2]
+            packed = codes.view(kp // 2, 2, nblk, BLOCK_N).permute(2, 0, 3, 1).contiguous()
+            packed = packed.view(nblk, kp // 2, 2 * BLOCK_N)
+        else:
+            pairs = codes[0::2] | (codes[1::2] << 4)             # [Kp/2, npad]: q(k) | q(k+1) << 4
+            pairs = pairs.view(kp // 2, nblk, BLOCK_N)
+            # byte j of a block row holds column col(j); place column n at byte byte_of[n]
+            blocked = torch.empty_like(pairs)
+            blocked[:, :, _nibble_byte_of_column()] = pairs
+            packed = blocked.permute(1, 0, 2).contiguous()
+
+        scales_src = t.scales.cpu()
+        s_dtype = torch.float16 if scales_src.dtype == torch.float16 else torch.float32
+        scales = torch.zeros(len(ids), npad, dtype=s_dtype)
+        scales[:, :n] = scales_src[ids].to(s_dtype)
+        scales = scales.view(len(ids), nblk, BLOCK_N).permute(1, 0, 2).contiguous()
+        tensors = {"codes": packed, "scales": scales}
+        zsel = z[ids]
+        if not bool((zsel == spec.sym_zero).all()):
+            zeros = torch.zeros(len(ids), npad, dtype=torch.uint8)
+            zeros[:, :n] = zsel.to(torch.uint8)
+            tensors["zeros"] = zeros.view(len(ids), nblk, BLOCK_N).permute(1, 0, 2).contiguous()
+        tensors["row_map"] = row_map
+        tensors["group_ptr"] = group_ptr.to(torch.int32)
+        return PackedWeight(self.name, spec, k, n, tensors)
+
+    # ---- run time --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _args(packed: PackedWeight) -> tuple:
+        p = packed.tensors
+        return (p["codes"], p["scales"], p.get("zeros"), p["row_map"], p["group_ptr"])
+
+    def gemm(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        check_gemm_args(x, packed, bias, _DTYPES, "cpu")
+        if _IMPORT_ERROR is not None:
+            raise BackendError(self.available()[1])
+        return torch.ops.gptq_ascend.cpu_gemm(x, *self._args(packed), bias, packed.spec.bits,
+                                              float(packed.spec.sym_zero), packed.in_features,
+                                              packed.out_features)
+
+    def dequant(self, packed: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        if _IMPORT_ERROR is not None:
+            raise BackendError(self.available()[1])
+        return torch.ops.gptq_ascend.cpu_dequant(*self._args(packed), packed.spec.bits,
+                                                 float(packed.spec.sym_zero), packed.in_features,
+                                                 packed.out_features, dtype)
+
+
+def kernel_config(isa: str = "", small_m_max: int = -1) -> str:
+    """Read (and optionally set) the kernel's ISA ("auto", "avx512", "avx2", "generic") and the largest M
+    the fused path takes. Returns a description such as ``isa=avx512 bf16_dot=1 small_m_max_bf16=32 ...``.
+    """
+    if _IMPORT_ERROR is not None:
+        raise BackendError(CPUBackend().available()[1])
+    return torch.ops.gptq_ascend.cpu_kernel_config(isa, small_m_max)
+
+
+register_backend(CPUBackend())
