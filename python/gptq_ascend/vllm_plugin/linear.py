@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Optional
@@ -55,6 +56,8 @@ from . import compat
 logger = logging.getLogger("gptq_ascend.vllm_plugin")
 
 _PARAM_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+# Force one backend for every layer (e.g. "reference" to rule a kernel out when debugging).
+BACKEND_ENV = "GPTQ_ASCEND_BACKEND"
 _logged_choices: set[tuple[str, str]] = set()
 
 
@@ -381,7 +384,10 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         else:
             t, spec, k, gather = regularize(replace(t, g_idx=gi.to(torch.int32)), spec, k)
         device = compat.device_type()
-        backend, reason = ops.choose_backend(device, spec, k, n)
+        prefer = os.environ.get(BACKEND_ENV) or None
+        backend, reason = ops.choose_backend(device, spec, k, n, prefer=prefer)
+        if prefer:
+            reason += f" ({BACKEND_ENV}={prefer})"
         key = (backend.name, reason)
         if key not in _logged_choices:
             _logged_choices.add(key)
