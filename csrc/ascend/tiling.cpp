@@ -37,7 +37,6 @@ uint32_t ChooseRows(uint32_t groupWords, uint32_t tileCols, uint32_t outBytes, u
 TilingStatus ComputeTiling(uint32_t k, uint32_t n, uint32_t bits, int64_t group_size, uint32_t out_bytes,
                            uint32_t core_num, uint32_t ub_bytes, DequantTiling* out)
 {
-    DequantTiling p;
     if (bits != 4 && bits != 8) {
         return TilingStatus::kBadBits;
     }
@@ -50,22 +49,18 @@ TilingStatus ComputeTiling(uint32_t k, uint32_t n, uint32_t bits, int64_t group_
     if (core_num == 0 || core_num > kMaxCores) {
         return TilingStatus::kBadCores;
     }
-    p.k = k;
-    p.n = n;
-    p.bits = bits;
-    p.packFactor = 32 / bits;
-    p.outBytes = out_bytes;
-    p.packedRows = CeilDiv(k, p.packFactor);
-    uint64_t gs = (group_size <= 0 || static_cast<uint64_t>(group_size) >= k) ? k
-                                                                               : static_cast<uint64_t>(group_size);
-    p.groupSize = static_cast<uint32_t>(gs);
-    p.numGroups = CeilDiv(k, p.groupSize);
-    if (p.numGroups == 1) {
-        p.groupWords = p.packedRows;
-    } else if (p.groupSize % p.packFactor != 0) {
-        return TilingStatus::kBadGroup;
-    } else {
-        p.groupWords = p.groupSize / p.packFactor;
+    const uint32_t packFactor = 32 / bits;
+    const uint32_t packedRows = CeilDiv(k, packFactor);
+    const uint32_t groupSize = (group_size <= 0 || static_cast<uint64_t>(group_size) >= k)
+                                   ? k
+                                   : static_cast<uint32_t>(group_size);
+    const uint32_t numGroups = CeilDiv(k, groupSize);
+    uint32_t groupWords = packedRows;
+    if (numGroups > 1) {
+        if (groupSize % packFactor != 0) {
+            return TilingStatus::kBadGroup;
+        }
+        groupWords = groupSize / packFactor;
     }
 
     // Columns: as wide as N (rounded to 16) up to kMaxTileCols, narrower only if a 1-row tile overflows.
@@ -75,7 +70,7 @@ TilingStatus ComputeTiling(uint32_t k, uint32_t n, uint32_t bits, int64_t group_
     }
     uint32_t rows = 0;
     while (cols >= kColAlign) {
-        rows = ChooseRows(p.groupWords, cols, out_bytes, ub_bytes);
+        rows = ChooseRows(groupWords, cols, out_bytes, ub_bytes);
         if (rows > 0) {
             break;
         }
@@ -84,19 +79,8 @@ TilingStatus ComputeTiling(uint32_t k, uint32_t n, uint32_t bits, int64_t group_
     if (rows == 0) {
         return TilingStatus::kUbTooSmall;
     }
-    p.tileRows = rows;
-    p.tileCols = cols;
-    p.colTiles = CeilDiv(n, cols);
-    p.lastCols = n - (p.colTiles - 1) * cols;
-    p.rowTilesPerGroup = CeilDiv(p.groupWords, rows);
-    uint32_t lastGroupWords = p.packedRows - (p.numGroups - 1) * p.groupWords;
-    p.rowTiles = (p.numGroups - 1) * p.rowTilesPerGroup + CeilDiv(lastGroupWords, rows);
-    p.totalTiles = p.rowTiles * p.colTiles;
-
-    p.usedCores = core_num < p.totalTiles ? core_num : p.totalTiles;
-    p.tilesPerCore = p.totalTiles / p.usedCores;
-    p.extraTiles = p.totalTiles % p.usedCores;
-    UbLayout(rows, cols, out_bytes, &p);
+    DequantTiling p;
+    DeriveTiling(k, n, bits, groupSize, out_bytes, rows, cols, core_num, &p);
     *out = p;
     return TilingStatus::kOk;
 }

@@ -156,6 +156,36 @@ GPTQ_HD void UbLayout(uint32_t tileRows, uint32_t tileCols, uint32_t outBytes, D
                  2u * p->calcBufBytes + 2u * p->paramCalcBytes;
 }
 
+// Every derived field of a plan from the problem and the chosen tile shape. ComputeTiling (host) chooses
+// tileRows/tileCols and calls this; the kernel receives only (k, n, bits, groupSize, tileRows, tileCols,
+// usedCores) as launch arguments and calls it again on the device, so both sides agree by construction.
+// groupSize must be the effective one (1 <= groupSize <= k), and a multiple of 32/bits unless >= k.
+GPTQ_HD void DeriveTiling(uint32_t k, uint32_t n, uint32_t bits, uint32_t groupSize, uint32_t outBytes,
+                          uint32_t tileRows, uint32_t tileCols, uint32_t coreNum, DequantTiling* p)
+{
+    p->k = k;
+    p->n = n;
+    p->bits = bits;
+    p->packFactor = 32u / bits;
+    p->outBytes = outBytes;
+    p->packedRows = CeilDiv(k, p->packFactor);
+    p->groupSize = groupSize;
+    p->numGroups = CeilDiv(k, groupSize);
+    p->groupWords = p->numGroups == 1 ? p->packedRows : groupSize / p->packFactor;
+    p->tileRows = tileRows;
+    p->tileCols = tileCols;
+    p->colTiles = CeilDiv(n, tileCols);
+    p->lastCols = n - (p->colTiles - 1u) * tileCols;
+    p->rowTilesPerGroup = CeilDiv(p->groupWords, tileRows);
+    uint32_t lastGroupWords = p->packedRows - (p->numGroups - 1u) * p->groupWords;
+    p->rowTiles = (p->numGroups - 1u) * p->rowTilesPerGroup + CeilDiv(lastGroupWords, tileRows);
+    p->totalTiles = p->rowTiles * p->colTiles;
+    p->usedCores = coreNum < p->totalTiles ? coreNum : p->totalTiles;
+    p->tilesPerCore = p->totalTiles / p->usedCores;
+    p->extraTiles = p->totalTiles % p->usedCores;
+    UbLayout(tileRows, tileCols, outBytes, p);
+}
+
 #if !defined(GPTQ_ASCEND_DEVICE)
 // Plan the kernel for one layer. group_size <= 0 means one group over all K (GPTQ's -1).
 // ub_bytes: Unified Buffer bytes the kernel may use; core_num: vector cores to spread over.

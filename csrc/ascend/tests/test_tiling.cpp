@@ -6,6 +6,7 @@
 //  * the tiles cover every (packed row, column) exactly once, and no tile crosses a group;
 //  * every tile is assigned to exactly one core, in contiguous ranges that differ by at most one tile;
 //  * the strided copies the kernel issues have legal parameters;
+//  * the kernel's on-device DeriveTiling from its 7 launch scalars reproduces the host plan exactly;
 //  * a CPU emulation of the kernel's tile loop (same TileAt/LaneRows/CoreRange, same per-lane shift
 //    and row placement) produces exactly the naive dequantization, with NaN-poisoned output;
 //  * bad inputs give the documented status.
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -75,6 +77,12 @@ static void CheckPlan(const Shape& s, uint32_t cores, uint32_t ub)
     CHECK(p.usedCores >= 1 && p.usedCores <= cores && p.usedCores <= p.totalTiles, "%s: usedCores %u",
           what.c_str(), p.usedCores);
     CHECK(p.lastCols >= 1 && p.lastCols <= p.tileCols, "%s: lastCols %u", what.c_str(), p.lastCols);
+
+    // The kernel gets (k, n, bits, groupSize, tileRows, tileCols, usedCores) and re-derives the rest.
+    DequantTiling d;
+    DeriveTiling(p.k, p.n, p.bits, p.groupSize, p.outBytes, p.tileRows, p.tileCols, p.usedCores, &d);
+    CHECK(std::memcmp(&d, &p, sizeof(d)) == 0, "%s: device-side DeriveTiling differs from the host plan",
+          what.c_str());
 
     // Every tile exactly once over the cores, contiguous and balanced.
     std::vector<int> tileOwner(p.totalTiles, -1);
