@@ -258,7 +258,8 @@ def _damage(src: Path, case: str) -> str:
         (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         return "is missing" if case == "missing-shard" else "points outside the model folder"
     if case == "shape-mismatch":
-        tensors["model.layers.0.mlp.down_proj.scales"] = tensors["model.layers.0.mlp.down_proj.scales"][:, :-1].contiguous()
+        name = "model.layers.0.mlp.down_proj.scales"
+        tensors[name] = tensors[name][:, :-1].contiguous()
         save_file(tensors, str(st))
         return "model.layers.0.mlp.down_proj.scales: expected shape"
     if case == "g_idx-range":
