@@ -110,3 +110,32 @@ def test_python_tile_walk_covers_output_once():
                     assert (w, c) not in seen
                     seen.add((w, c))
     assert len(seen) == plan.packed_rows * plan.n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Syntax-only checks of the CANN-side sources against declaration stubs (csrc/ascend/tests/stubs).
+# They catch C++ mistakes in our code; they are NOT a CANN build (see the stubs' README.md).
+# ---------------------------------------------------------------------------------------------------
+
+STUBS = ASCEND / "tests" / "stubs"
+
+
+def test_ascendc_kernel_syntax_against_api_stubs():
+    if not shutil.which("g++"):
+        pytest.skip("g++ is not installed")
+    r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                        "-DGPTQ_ASCEND_SYNTAX_CHECK", f"-I{STUBS}", str(ASCEND / "kernels" / "gptq_dequant.cpp")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_torch_binding_syntax_against_torch_and_npu_stubs():
+    if not shutil.which("g++"):
+        pytest.skip("g++ is not installed")
+    from torch.utils.cpp_extension import include_paths
+
+    torch_inc = [arg for p in include_paths() for arg in ("-isystem", p)]
+    r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-I{STUBS}",
+                        *torch_inc, str(ASCEND / "host" / "torch_binding.cpp")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
