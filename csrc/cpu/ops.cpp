@@ -8,7 +8,7 @@
 //   cpu_gemm.out(..., *, Tensor(a!) out) -> Tensor(a!)
 //   cpu_dequant(Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, int bits,
 //               float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor
-//   cpu_kernel_config(str isa="", int small_m_max=-1) -> str
+//   cpu_kernel_config(str isa="", int small_m_max=-1, int small_m_max_f32=-1) -> str
 // The packed tensors are described in kernel.h and produced by CPUBackend.repack.
 //
 // This file is compiled at the baseline ISA; it only calls into the AVX-512/AVX2 units after checking
@@ -511,11 +511,14 @@ at::Tensor cpu_dequant(const at::Tensor& codes, const at::Tensor& scales, const 
   return w.to(dtype).contiguous();
 }
 
-std::string cpu_kernel_config(const std::string& isa, int64_t small_m_max) {
+// isa: "" keeps it; small_m_max: >= 0 sets the switch-over for both paths, small_m_max_f32 >= 0 then
+// overrides the fp32 path's.
+std::string cpu_kernel_config(const std::string& isa, int64_t small_m_max, int64_t small_m_max_f32) {
   std::lock_guard<std::mutex> lock(g_config_mutex);
   Config& c = config();
   if (!isa.empty()) set_isa(c, isa);
   if (small_m_max >= 0) c.small_m_max_bf16 = c.small_m_max_f32 = small_m_max;
+  if (small_m_max_f32 >= 0) c.small_m_max_f32 = small_m_max_f32;
   return describe(c);
 }
 
@@ -535,7 +538,8 @@ TORCH_LIBRARY_FRAGMENT(gptq_ascend, m) {
       "cpu_dequant(Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, int bits, "
       "float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor");
   // No tensor arguments, so no dispatch key: registered as a catch-all kernel.
-  m.def("cpu_kernel_config(str isa=\"\", int small_m_max=-1) -> str", &gptq_cpu::cpu_kernel_config);
+  m.def("cpu_kernel_config(str isa=\"\", int small_m_max=-1, int small_m_max_f32=-1) -> str",
+        &gptq_cpu::cpu_kernel_config);
 }
 
 TORCH_LIBRARY_IMPL(gptq_ascend, CPU, m) {

@@ -176,13 +176,21 @@ class CPUBackend(Backend):
                                                  packed.out_features, dtype)
 
 
-def kernel_config(isa: str = "", small_m_max: int = -1) -> str:
+def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32: int | None = None) -> str:
     """Read (and optionally set) the kernel's ISA ("auto", "avx512", "avx2", "generic") and the largest M
-    the fused path takes. Returns a description such as ``isa=avx512 bf16_dot=1 small_m_max_bf16=32 ...``.
+    the fused path takes (``small_m_max`` for both paths; ``small_m_max_f32`` then overrides the one for
+    fp32/fp16 activations). Returns e.g. ``isa=avx512 bf16_dot=1 small_m_max_bf16=32 small_m_max_f32=16
+    threads=2``. Environment: ``GPTQ_ASCEND_CPU_ISA``, ``GPTQ_ASCEND_CPU_SMALL_M_MAX``.
     """
     if _IMPORT_ERROR is not None:
         raise BackendError(CPUBackend().available()[1])
-    return torch.ops.gptq_ascend.cpu_kernel_config(isa, small_m_max)
+    return torch.ops.gptq_ascend.cpu_kernel_config(isa, -1 if small_m_max is None else small_m_max,
+                                                   -1 if small_m_max_f32 is None else small_m_max_f32)
+
+
+def kernel_settings() -> dict[str, str]:
+    """:func:`kernel_config` as a dict."""
+    return dict(item.split("=", 1) for item in kernel_config().split())
 
 
 register_backend(CPUBackend())

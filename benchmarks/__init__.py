@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.dequant`` (GPTQ GEMM kernels), ``python -m benchmarks.e2e`` (vLLM)."""

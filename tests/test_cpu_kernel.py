@@ -1,0 +1,359 @@
+"""The CPU kernel (``csrc/cpu``, ``gptq_ascend.backends.cpu``) against independent float64 math.
+
+Every layer here is built from random codes, zero points and scales drawn in the test; the expected
+weight ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]`` is computed in float64 from those
+values directly (not by ``format.dequantize``), and only the GPTQ tensors handed to the backend go
+through ``format.pack`` / ``format.pack_zeros``. Each configuration runs on every kernel ISA this CPU
+can execute (AVX-512, AVX2, portable), for M on both sides of the fused/GEMM switch-over.
+
+Error bounds (relative Frobenius norm of y - x @ W against x @ W, both in float64 from the same
+rounded x): the op accumulates in fp32 and rounds once to x's dtype, so the bound is the output
+rounding plus fp32 accumulation:
+* float32: 1e-5  (fp32 accumulation over K <= 200 terms; measured ~1e-7)
+* float16: 2e-3  (one fp16 rounding of the output, 2**-11 relative; plus fp32 weights)
+* bfloat16: 1e-2 (one bf16 rounding of the output, 2**-8; the GEMM path also rounds W to bf16,
+  as dense BF16 does)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from gptq_ascend import format as fmt
+from gptq_ascend.errors import BackendError
+
+from .conftest import fixture_info, gptq_fixture_dirs
+
+cpu_mod = pytest.importorskip("gptq_ascend.backends.cpu")
+BACKEND = cpu_mod.CPUBackend()
+_OK, _WHY = BACKEND.available()
+pytestmark = pytest.mark.skipif(not _OK, reason=f"CPU backend unavailable: {_WHY}")
+
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _isas() -> list[str]:
+    if not _OK:
+        return []
+    out = []
+    for isa in ("avx512", "avx2", "generic"):
+        try:
+            cpu_mod.kernel_config(isa)
+            out.append(isa)
+        except RuntimeError:
+            pass
+    cpu_mod.kernel_config("auto")
+    return out
+
+
+ISAS = _isas()
+
+
+_DEFAULTS = cpu_mod.kernel_settings() if _OK else {"small_m_max_bf16": "0", "small_m_max_f32": "0"}
+SWITCH = max(int(_DEFAULTS["small_m_max_bf16"]), int(_DEFAULTS["small_m_max_f32"]))
+
+
+@pytest.fixture
+def isa_config():
+    """Restore the kernel's ISA and switch-over after a test changes them."""
+    yield cpu_mod.kernel_config
+    cpu_mod.kernel_config("auto", int(_DEFAULTS["small_m_max_bf16"]), int(_DEFAULTS["small_m_max_f32"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent layers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_layer(k: int, n: int, bits: int, group_size: int, sym: bool, act_order: bool, ckpt_format: str,
+               seed: int = 0, scale_dtype=torch.float16):
+    """Random GPTQ layer: (GPTQTensors, spec, W float64 [K, N]) with W computed from the raw values."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = fmt.QuantSpec(bits, group_size, sym, act_order, ckpt_format)
+    gs = k if group_size == -1 else group_size
+    groups = math.ceil(k / gs)
+    q = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int64)
+    if sym:
+        z = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int64)
+    else:
+        z = torch.randint(0, 2**bits, (groups, n), generator=gen, dtype=torch.int64)
+        z[0, : min(n, 3)] = torch.tensor([0, 2**bits - 1, 1])[: min(n, 3)]  # extremes, incl. the v1 borrow case
+    s = (torch.rand(groups, n, generator=gen, dtype=torch.float64) * 0.05 + 1e-3).to(scale_dtype)
+    g_idx = torch.arange(k) // gs
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    w = (q - z[g_idx]).double() * s.double()[g_idx]
+    t = fmt.GPTQTensors(fmt.pack(q, bits, 0), fmt.pack_zeros(z, spec), s, g_idx.to(torch.int32))
+    return t, spec, w
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def x_for(m: int, k: int, dtype, seed: int = 1, shape=None) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*(shape or (m,)), k, generator=gen).to(dtype)
+
+
+# K not a multiple of any vector width (odd where the format allows: 3-bit needs multiples of 32),
+# N not a multiple of 16 or 64; group sizes leave a short last group.
+def shape_for(bits: int) -> tuple[int, int]:
+    return (160, 72) if bits == 3 else (151, 72)
+
+
+CONFIGS = list(itertools.product((8, 4, 3, 2), (32, 64, 128, -1), (True, False), (False, True),
+                                 ("gptq", "gptq_v2")))
+
+
+def cfg_id(c) -> str:
+    bits, gs, sym, act, f = c
+    return f"b{bits}-g{gs}-{'sym' if sym else 'asym'}-{'act' if act else 'seq'}-{f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics: every bits / group / sym / act-order / v1-v2, every dtype, every ISA, M across the switch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_gemm_and_dequant_match_float64(cfg, isa_config):
+    bits, gs, sym, act, f = cfg
+    k, n = shape_for(bits)
+    t, spec, w = make_layer(k, n, bits, gs, sym, act, f, seed=CONFIGS.index(cfg))
+    packed = BACKEND.repack(t, spec, k)
+    assert packed.backend == "cpu" and packed.in_features == k and packed.out_features == n
+    assert ("zeros" in packed.tensors) == (not sym)
+    for isa in ISAS:
+        isa_config(isa)
+        # dequant: exact in fp32 ((q - z) * s has <= 20 significant bits), one rounding otherwise.
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            got = BACKEND.dequant(packed, dt)
+            assert got.dtype == dt and got.shape == (k, n)
+            assert torch.equal(got, w.to(dt)), f"{isa} dequant {dt}"
+        for dt in DTYPES:
+            for m in (1, 3, SWITCH + 7):
+                x = x_for(m, k, dt, seed=m)
+                y = BACKEND.gemm(x, packed)
+                assert y.dtype == dt and y.shape == (m, n)
+                err = rel_err(y, x.double() @ w)
+                assert err <= REL_TOL[dt], f"{isa} {dt} M={m}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_every_m_from_1_to_beyond_switch(bits, dt, isa_config):
+    """Every row-tile remainder of the fused kernel (MR up to 6) and both sides of the switch-over."""
+    k, n = 200, 136
+    t, spec, w = make_layer(k, n, bits, 64, False, True, "gptq", seed=bits)
+    packed = BACKEND.repack(t, spec, k)
+    top = SWITCH + 9
+    for isa in ISAS[:2]:
+        isa_config(isa)
+        for m in range(1, top + 1):
+            x = x_for(m, k, dt, seed=m)
+            err = rel_err(BACKEND.gemm(x, packed), x.double() @ w)
+            assert err <= REL_TOL[dt], f"{isa} M={m}: {err:.2e}"
+
+
+@pytest.mark.parametrize("small_m_max", (0, 64))
+def test_both_paths_agree(small_m_max, isa_config):
+    """The same M through the fused kernel (small_m_max=64) and the dequant+GEMM path (0)."""
+    k, n = 256, 192
+    t, spec, w = make_layer(k, n, 8, 128, False, False, "gptq", seed=7)
+    packed = BACKEND.repack(t, spec, k)
+    isa_config("auto", small_m_max)
+    x = x_for(24, k, torch.float32)
+    assert rel_err(BACKEND.gemm(x, packed), x.double() @ w) <= 1e-6
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("m", (1, 5, 70))
+def test_bias_batch_dims_and_out_variant(bits, dt, m):
+    k, n = 96, 80
+    t, spec, w = make_layer(k, n, bits, 32, True, False, "gptq_v2", seed=3)
+    packed = BACKEND.repack(t, spec, k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    x = x_for(m, k, dt, shape=(2, m))  # [2, m, K]
+    y = BACKEND.gemm(x, packed, bias)
+    assert y.shape == (2, m, n) and y.dtype == dt
+    ref = x.double() @ w + bias.double()
+    assert rel_err(y, ref) <= REL_TOL[dt]
+    # out= variant: a poisoned buffer must be overwritten entirely, with the functional result.
+    p = packed.tensors
+    out = torch.full((2, m, n), float("nan"), dtype=dt)
+    ret = torch.ops.gptq_ascend.cpu_gemm.out(x, p["codes"], p["scales"], p.get("zeros"), p["row_map"],
+                                             p["group_ptr"], bias, bits, float(spec.sym_zero), k, n, out=out)
+    assert ret.data_ptr() == out.data_ptr()
+    assert not bool(out.isnan().any())
+    assert torch.equal(out, y)
+
+
+def test_scales_in_float32_and_bfloat16():
+    """Non-fp16 scales are kept in fp32 (exactly), not squeezed into fp16."""
+    k, n = 128, 64
+    for sdt in (torch.float32, torch.bfloat16):
+        t, spec, w = make_layer(k, n, 4, 32, False, False, "gptq", seed=11, scale_dtype=sdt)
+        packed = BACKEND.repack(t, spec, k)
+        assert packed.tensors["scales"].dtype == torch.float32
+        assert torch.equal(BACKEND.dequant(packed, torch.float32), w.float())
+
+
+def test_empty_batch():
+    k, n = 64, 64
+    t, spec, _ = make_layer(k, n, 8, 32, True, False, "gptq")
+    y = BACKEND.gemm(torch.empty(0, k), BACKEND.repack(t, spec, k))
+    assert y.shape == (0, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile / fake tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_opcheck_and_compile():
+    k, n = 128, 96
+    t, spec, w = make_layer(k, n, 4, 64, False, True, "gptq", seed=2)
+    packed = BACKEND.repack(t, spec, k)
+    p = packed.tensors
+    x = x_for(3, k, torch.bfloat16)
+    args = (x, p["codes"], p["scales"], p.get("zeros"), p["row_map"], p["group_ptr"], None, 4,
+            float(spec.sym_zero), k, n)
+    torch.library.opcheck(torch.ops.gptq_ascend.cpu_gemm.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.gptq_ascend.cpu_dequant.default,
+                          args[1:6] + (4, float(spec.sym_zero), k, n, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(x):
+        return BACKEND.gemm(x, packed) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for m in (3, 9):
+        xm = x_for(m, k, torch.bfloat16, seed=m)
+        assert torch.equal(compiled(xm), f(xm))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad calls say what was expected
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_packed():
+    t, spec, _ = make_layer(64, 64, 8, 32, False, False, "gptq")
+    return BACKEND.repack(t, spec, 64)
+
+
+def _op_args(packed, x0, **over):
+    p = dict(packed.tensors)
+    a = dict(x=x0, codes=p["codes"], scales=p["scales"], zeros=p.get("zeros"), row_map=p["row_map"],
+             group_ptr=p["group_ptr"], bias=None, bits=packed.spec.bits, sym_zero=float(packed.spec.sym_zero),
+             in_features=packed.in_features, out_features=packed.out_features)
+    a.update(over)
+    return a
+
+
+def test_backend_rejects_bad_x(small_packed):
+    with pytest.raises(BackendError, match="expected one of"):
+        BACKEND.gemm(torch.zeros(2, 64, dtype=torch.float64), small_packed)
+    with pytest.raises(BackendError, match=r"expected \[\.\.\., 64\]"):
+        BACKEND.gemm(torch.zeros(2, 63), small_packed)
+    with pytest.raises(BackendError, match="expected a cpu tensor"):
+        BACKEND.gemm(torch.zeros(2, 64, device="meta"), small_packed)
+    with pytest.raises(BackendError, match=r"bias has shape \(3,\); expected \(64,\)"):
+        BACKEND.gemm(torch.zeros(2, 64), small_packed, torch.zeros(3))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: {"x": torch.zeros(2, 64, dtype=torch.int32)}, "x must be float32, bfloat16 or float16"),
+    (lambda p: {"x": torch.zeros(2, 65)}, r"x must have shape \[\.\.\., 64\]"),
+    (lambda p: {"bits": 5}, "bits must be 2, 3, 4 or 8"),
+    (lambda p: {"codes": p["codes"].flatten()[:-1]}, "codes must hold 1 blocks"),
+    (lambda p: {"codes": p["codes"].view(torch.int8)}, "codes must be uint8"),
+    (lambda p: {"scales": p["scales"].to(torch.bfloat16)}, "scales must be float16 or float32"),
+    (lambda p: {"scales": p["scales"][:, :1]}, r"scales must have shape \[1, 2, 64\]"),
+    (lambda p: {"zeros": p["zeros"].int()}, "zeros must be a contiguous uint8"),
+    (lambda p: {"row_map": p["row_map"].long()}, "row_map must be a 1-D int32"),
+    (lambda p: {"group_ptr": p["group_ptr"] + 2}, "group_ptr must run from 0"),
+    (lambda p: {"bias": torch.zeros(63)}, r"bias must have shape \[64\]"),
+    (lambda p: {"out_features": 65}, "codes must hold 2 blocks"),
+])
+def test_op_errors_say_what_was_expected(small_packed, change, message):
+    a = _op_args(small_packed, torch.zeros(2, 64), **change(small_packed.tensors))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.gptq_ascend.cpu_gemm(**a)
+
+
+def test_out_variant_errors(small_packed):
+    a = _op_args(small_packed, torch.zeros(2, 64))
+    with pytest.raises(RuntimeError, match="out must have x's dtype"):
+        torch.ops.gptq_ascend.cpu_gemm.out(**a, out=torch.empty(2, 64, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match=r"out must have shape \[2, 64\]"):
+        torch.ops.gptq_ascend.cpu_gemm.out(**a, out=torch.empty(2, 65))
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        torch.ops.gptq_ascend.cpu_gemm.out(**a, out=torch.empty(64, 2).t())
+
+
+def test_config_errors():
+    with pytest.raises(RuntimeError, match="unknown isa 'sse9'; expected one of auto, avx512, avx2, generic"):
+        cpu_mod.kernel_config("sse9")
+    with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16, float16 or float64"):
+        t, spec, _ = make_layer(64, 64, 8, 32, True, False, "gptq")
+        p = BACKEND.repack(t, spec, 64).tensors
+        torch.ops.gptq_ascend.cpu_dequant(p["codes"], p["scales"], None, p["row_map"], p["group_ptr"], 8, 128.0,
+                                          64, 64, torch.int8)
+
+
+def test_backend_registered_and_chosen():
+    from gptq_ascend import ops
+
+    assert ops.get_backend("cpu") is not None
+    backend, reason = ops.choose_backend("cpu", fmt.QuantSpec(8, 128), 2048, 2048)
+    assert backend.name == "cpu", reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Against GPTQModel-written checkpoints (tests/fixtures, made by tools/make_fixtures.py)
+# ---------------------------------------------------------------------------------------------
+
+FIXTURES = gptq_fixture_dirs()
+
+
+@pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints "
+                    "(generate them with tools/make_fixtures.py)")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_gemm_equals_x_times_gptqmodel_dequantized_weight(fixture):
+    from safetensors.torch import load_file
+
+    from gptq_ascend.checkpoint import Checkpoint
+
+    info = fixture_info(fixture)
+    config = fmt.GPTQConfig.load(fixture)
+    ckpt = Checkpoint.open(fixture)
+    expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+    layers = ckpt.quantized_layers()
+    assert layers, info.get("name")
+    for prefix in layers:
+        spec = config.spec_for(prefix)
+        t = ckpt.layer_tensors(prefix)
+        w_gm = expected[f"{prefix}.weight"].double()  # GPTQModel's dequantize_weight(): [in, out]
+        k = w_gm.shape[0]
+        packed = BACKEND.repack(t, spec, k)
+        x = x_for(5, k, torch.float32, seed=k)
+        y = BACKEND.gemm(x, packed).double()
+        ref = x.double() @ w_gm
+        # GPTQModel rounds each weight to its scales' dtype (fp16): at most one fp16 ulp per weight
+        # (relative 2**-10), plus our fp32 accumulation. Element-wise:
+        bound = (x.double().abs() @ w_gm.abs()) * (2.0**-10 + 1e-6) + 1e-6
+        assert bool(((y - ref).abs() <= bound).all()), \
+            f"{fixture.name}:{prefix}: max |y - x@W_gptqmodel| = {float((y - ref).abs().max()):.3g}"
+        # and the weights themselves: ours (fp32, exact) rounds to GPTQModel's fp16 values
+        if expected[f"{prefix}.weight"].dtype == torch.float16:
+            assert torch.equal(BACKEND.dequant(packed, torch.float16), expected[f"{prefix}.weight"]), prefix
