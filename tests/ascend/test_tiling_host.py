@@ -81,7 +81,7 @@ def test_python_plan_matches_host_tiling(tiling_bins):
     lines = r.stdout.splitlines()
     assert len(lines) == len(queries)
     statuses = set()
-    for query, line in zip(queries, lines):
+    for query, line in zip(queries, lines, strict=True):
         host = json.loads(line)
         statuses.add(host["status"])
         try:

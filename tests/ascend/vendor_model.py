@@ -55,7 +55,8 @@ def antiquant_weight_model(weight: torch.Tensor, scale: torch.Tensor, offset: to
         sc = scale.to(torch.float64)[idx]
         off = offset.to(torch.float64)[idx] if offset is not None else 0.0
     else:
-        assert tuple(scale.shape) in ((n,), (1, n)), f"per-channel scale must be (N,) or (1, N), got {tuple(scale.shape)}"
+        assert tuple(scale.shape) in ((n,), (1, n)), \
+            f"per-channel scale must be (N,) or (1, N), got {tuple(scale.shape)}"
         sc = scale.to(torch.float64).reshape(1, n)
         off = offset.to(torch.float64).reshape(1, n) if offset is not None else 0.0
     if offset is not None:

@@ -27,9 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -594,5 +594,5 @@ def npu_benchmark_cases(shapes=QWEN3_1_7B_SHAPES, ms=(1, 4, 16, 64, 256, 1024), 
                                           (lambda x=x, w=dense: torch.matmul(x, w)), k * n * 2))
                 for impl, packed in packs.items():
                     cases.append(NpuBenchCase(impl, k, n, m, b,
-                                              (lambda x=x, p=packed: backend.gemm(x, p)), qbytes))
+                                              (lambda x=x, p=packed, b=backend: b.gemm(x, p)), qbytes))
     return cases
