@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,19 +47,39 @@ def cpu_extension():
 
 
 def build_ascend() -> None:
-    """The Ascend hook: configure and build csrc/ascend with CMake when CANN is present."""
+    """The Ascend hook: build csrc/ascend (AscendC kernels + torch_npu op library) with the top-level
+    CMakeLists.txt when a CANN toolkit is present, and say clearly why it is skipped otherwise.
+
+    Needs ASCEND_HOME_PATH (CANN's set_env.sh sets it), cmake, and torch_npu importable by this Python.
+    SOC_VERSION (default Ascend910B3) selects the chip. Installs lib/libgptq_ascend_{npu,kernels}.so into
+    python/gptq_ascend, where gptq_ascend.backends.npu loads them. GPTQ_ASCEND_SKIP_ASCEND=1 skips it.
+    """
+    if os.environ.get("GPTQ_ASCEND_SKIP_ASCEND") == "1":
+        print("gptq-ascend: GPTQ_ASCEND_SKIP_ASCEND=1: skipping the AscendC kernel library.", file=sys.stderr)
+        return
     home = os.environ.get("ASCEND_HOME_PATH")
     if not home:
         print("gptq-ascend: ASCEND_HOME_PATH is not set: skipping the AscendC kernel library "
-              "(the CPU build is unaffected; on an NPU the Triton path is used instead).",
-              file=sys.stderr)
+              "(the CPU build is unaffected; on an NPU the fused torch_npu op is used, and the Triton "
+              "dequant kernel where the fused op refuses a layer).", file=sys.stderr)
         return
+    missing = []
+    if shutil.which("cmake") is None:
+        missing.append("cmake is not on PATH")
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as e:
+        missing.append(f"torch_npu is not importable ({type(e).__name__}: {e})")
+    if missing:
+        raise RuntimeError("gptq-ascend: ASCEND_HOME_PATH is set, so the AscendC library must be built, but "
+                           + "; ".join(missing) + " (set GPTQ_ASCEND_SKIP_ASCEND=1 to build without it)")
     build_dir = ROOT / "build" / "ascend"
     build_dir.mkdir(parents=True, exist_ok=True)
     soc = os.environ.get("SOC_VERSION", "Ascend910B3")
-    subprocess.check_call(["cmake", str(ROOT), f"-DSOC_VERSION={soc}",
+    print(f"gptq-ascend: building the AscendC kernel library for {soc} with CANN at {home}", file=sys.stderr)
+    subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DSOC_VERSION={soc}",
                            f"-DASCEND_HOME_PATH={home}", f"-DPython3_EXECUTABLE={sys.executable}",
-                           "-DCMAKE_BUILD_TYPE=Release"], cwd=build_dir)
+                           "-DGPTQ_ASCEND_HOST_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release"])
     subprocess.check_call(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)])
     subprocess.check_call(["cmake", "--install", str(build_dir), "--prefix",
                            str(ROOT / "python" / "gptq_ascend")])
