@@ -1,6 +1,6 @@
 """The ascend toolchain (triton-ascend + ascendnpu-ir, no CANN, no NPU) as the tests use it.
 
-``compile_for_ascend`` runs triton-ascend's real compiler for an Ascend SoC: TTIR -> linalg
+``compile_dequant_kernel`` runs triton-ascend's real compiler for an Ascend SoC: TTIR -> linalg
 (triton-adapter-opt) -> bishengir-compile (HFusion/HIVM: UB planning, sync insertion) -> hivmc. hivmc ships
 only with the CANN toolkit, so on these machines the pipeline stops there with "External hivmc run
 fails"; every error before that (UB overflow, lowering failures) is real and is reported as such.
@@ -8,9 +8,12 @@ fails"; every error before that (UB overflow, lowering failures) is real and is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -70,19 +73,20 @@ class _StubNPUUtils:
         return self.arch
 
 
-def compile_for_ascend(fn, signature: dict, constants: dict, arch: str, monkeypatch, tmp_path) -> CompileResult:
+def _compile_here(fn, signature: dict, constants: dict, arch: str, workdir: Path) -> CompileResult:
+    """In THIS process (a fresh one: Triton's interpreter, once used, leaves triton.language patched)."""
     import triton
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    monkeypatch.setenv("PATH", f"{bishengir_dir()}{os.pathsep}{os.environ.get('PATH', '')}")
-    fake_home = tmp_path / "no-cann"      # bishengir-compile insists on the variable, not on a toolkit
-    fake_home.mkdir(exist_ok=True)
-    monkeypatch.setenv("ASCEND_HOME_PATH", str(fake_home))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    os.environ["PATH"] = f"{bishengir_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
+    fake_home = workdir / "no-cann"      # bishengir-compile insists on the variable, not on a toolkit
+    fake_home.mkdir(parents=True, exist_ok=True)
+    os.environ["ASCEND_HOME_PATH"] = str(fake_home)
+    os.environ["TRITON_CACHE_DIR"] = str(workdir / "triton-cache")
     stub = type("StubNPUUtils", (_StubNPUUtils,), {"arch": arch})
-    monkeypatch.setitem(backends["ascend"].compiler.add_stages.__globals__, "NPUUtils", stub)
+    backends["ascend"].compiler.add_stages.__globals__["NPUUtils"] = stub
     try:
         triton.compile(ASTSource(fn, signature, constants=constants), target=GPUTarget("npu", arch, 0))
         return CompileResult(True, False, "")
@@ -95,3 +99,36 @@ def compile_for_ascend(fn, signature: dict, constants: dict, arch: str, monkeypa
                 parts.append(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
         log = "\n".join(parts) or f"{type(e).__name__}: {e}\n{type(cause).__name__}: {cause}"
         return CompileResult(False, HIVMC_ERROR in log, log)
+
+
+def compile_dequant_kernel(k: int, n: int, bits: int, group_size: int, dtype: str, ub_bytes: int, arch: str,
+                           workdir: Path) -> CompileResult:
+    """Compile gptq_ascend's Triton dequant kernel for one plan, in a child Python process."""
+    root = Path(__file__).resolve().parents[2]
+    args = [str(x) for x in (k, n, bits, group_size, dtype, ub_bytes, arch, workdir)]
+    r = subprocess.run([sys.executable, "-m", "tests.ascend.toolchain", *args], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        return CompileResult(False, False, f"compile helper failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return CompileResult(**json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def _main(argv: list[str]) -> None:
+    import torch
+
+    from gptq_ascend.backends import triton_dequant as td
+
+    k, n, bits, group, dtype_name, ub, arch, workdir = argv
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    plan = td.plan_tiling(int(k), int(n), int(bits), int(group), 2, td.VECTOR_CORES_910B3, int(ub))
+    _, const = td.kernel_launch_args(plan, dtype)
+    sig = {"qweight_ptr": "*i32", "zeros_ptr": "*fp16", "scales_ptr": "*fp16",
+           "out_ptr": {"float16": "*fp16", "bfloat16": "*bf16"}[dtype_name]}
+    for name in td._gptq_dequant_kernel.arg_names[4:]:
+        sig[name] = "constexpr" if name in const else "i32"
+    result = _compile_here(td._gptq_dequant_kernel, sig, const, arch, Path(workdir))
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -304,7 +304,11 @@ _interpreted = None
 
 
 def _interpreted_kernel():
-    """The kernel under Triton's interpreter, for CPU tensors (what TRITON_INTERPRET=1 would give)."""
+    """The kernel under Triton's interpreter, for CPU tensors (what TRITON_INTERPRET=1 would give).
+
+    For tests: once the interpreter has run, ``triton.language`` stays patched in this process and real
+    compilation fails there (observed with triton-ascend 3.2.0), so do not mix both in one process.
+    """
     global _interpreted
     if _interpreted is None:
         from triton.runtime.interpreter import InterpretedFunction
