@@ -32,6 +32,7 @@ stamp="$VENV/.gptq-ascend-stamp"
 
 if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "setup_ascend_venv: $VENV is up to date ($want)"
+    touch "$stamp"   # for make: the stamp is newer than this script
     exit 0
 fi
 
