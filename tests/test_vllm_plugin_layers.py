@@ -399,3 +399,32 @@ def test_regularize_is_exact():
     x = torch.randn(4, k // 2, dtype=torch.float64)
     xg = torch.nn.functional.pad(x, (0, 1)).index_select(-1, gather)
     torch.testing.assert_close(xg @ w2, x @ w, rtol=1e-12, atol=1e-12)
+
+
+def test_opaque_op_under_torch_compile(monkeypatch):
+    """A backend that is not traceable (the reference one) runs as gptq_ascend_vllm::gemm under
+    torch.compile(fullgraph=True): the fake implementation gives the shapes, the buffers are inputs."""
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    spec = fmt.QuantSpec(4, 32, False, True, "gptq")
+    t = random_gptq(128, 96, spec, 8)
+    with tp_rank(0, 1):
+        layer = vlinear.ReplicatedLinear(128, 96, bias=False, quant_config=quant_config(spec), prefix="blk.fc")
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        load(layer, name, t[name])
+    layer.quant_method.process_weights_after_loading(layer)
+    assert not layer.quant_method.parts[0].compile_safe
+    calls = []
+    real = torch.ops.gptq_ascend_vllm.gemm.default
+
+    def f(x):
+        return layer.quant_method.apply(layer, x)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 128)
+    torch._dynamo.reset()
+    with mock.patch("gptq_ascend.vllm_plugin.linear._gemm_impl", wraps=__import__(
+            "gptq_ascend.vllm_plugin.linear", fromlist=["_gemm_impl"])._gemm_impl) as impl:
+        y = compiled(x)
+        calls.append(impl.call_count)
+    assert calls[0] >= 1 and real is not None
+    assert_close(y.double(), x.double() @ t["_w"])

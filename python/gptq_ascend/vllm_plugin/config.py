@@ -74,7 +74,7 @@ class GPTQAscendConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GPTQAscendConfig":
-        source = "quantization_config"
+        source = "gptq_ascend: config.json [quantization_config]"
         check_plugin_fields(config, source)
         gptq = GPTQConfig.from_dict(config, source=source)
         compat.check_ascend_settings(compat.device_type())
