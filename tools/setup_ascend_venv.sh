@@ -67,9 +67,12 @@ from triton.backends.compiler import GPUTarget  # noqa: F401
 from triton.backends import backends
 if "ascend" not in backends:
     sys.exit(f"setup_ascend_venv: triton at {triton.__file__} has no ascend backend ({sorted(backends)})")
-if shutil.which("bishengir-compile") is None and not any(
-        __import__("pathlib").Path(sys.prefix, "bin").glob("bishengir-compile*")):
-    print("setup_ascend_venv: warning: bishengir-compile not found on PATH or in the venv's bin/")
+import pathlib
+import ascendnpuir
+compiler = pathlib.Path(ascendnpuir.__file__).resolve().parent / "bin" / "bishengir-compile"
+if not compiler.exists() and shutil.which("bishengir-compile") is None:
+    sys.exit("setup_ascend_venv: bishengir-compile not found (ascendnpu-ir is incomplete)")
+print("setup_ascend_venv: bishengir-compile at", compiler)
 import gptq_ascend  # noqa: F401
 print("setup_ascend_venv: triton-ascend", md.version("triton-ascend"), "ascendnpu-ir", md.version("ascendnpu-ir"))
 EOF
