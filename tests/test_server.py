@@ -170,7 +170,9 @@ def test_models_and_health(server):
     r = requests.get(server.url + "/v1/models", timeout=30)
     assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [MODEL_NAME]
     log = server.tail(10_000)
-    assert "gptq_ascend" in log  # the backend choice is logged ("... run on the cpu backend on cpu")
+    # the backend choice is logged, e.g. "gptq_ascend: 8-bit group-ordered layers (first: ...) run on the
+    # cpu backend on cpu"
+    assert "layers (first: model.layers.0." in log and " backend on cpu" in log, log[-3000:]
 
 
 @needs_fixture

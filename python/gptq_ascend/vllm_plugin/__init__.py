@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("gptq_ascend.vllm_plugin")
+logger = logging.getLogger("vllm.gptq_ascend")
 
 NAME = "gptq_ascend"
 _registered = False

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-logger = logging.getLogger("gptq_ascend.vllm_plugin")
+logger = logging.getLogger("vllm.gptq_ascend")
 
 # The vLLM versions this plugin is written against (inclusive); outside it we warn, we do not refuse.
 MIN_VLLM = (0, 18)

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..format import GPTQConfig, QuantSpec
 from . import compat
 
-logger = logging.getLogger("gptq_ascend.vllm_plugin")
+logger = logging.getLogger("vllm.gptq_ascend")
 
 NAME = "gptq_ascend"
 

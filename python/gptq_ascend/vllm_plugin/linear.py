@@ -53,7 +53,7 @@ from .. import ops
 from ..errors import ConfigError, FormatError
 from . import compat
 
-logger = logging.getLogger("gptq_ascend.vllm_plugin")
+logger = logging.getLogger("vllm.gptq_ascend")
 
 _PARAM_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 # Force one backend for every layer (e.g. "reference" to rule a kernel out when debugging).
@@ -388,7 +388,7 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         backend, reason = ops.choose_backend(device, spec, k, n, prefer=prefer)
         if prefer:
             reason += f" ({BACKEND_ENV}={prefer})"
-        key = (backend.name, reason)
+        key = (backend.name, reason, spec.bits, spec.desc_act)
         if key not in _logged_choices:
             _logged_choices.add(key)
             logger.info("gptq_ascend: %d-bit %s layers (first: %s) run on the %s", spec.bits,
