@@ -261,6 +261,26 @@ void gather_f32(const T* x, int64_t M, int64_t K, const Packed& p, float* xf, fl
   }
 }
 
+// Pair-major bf16 for the tiled kernel: xp[(i / 2) * M + m] = (x[m, i], x[m, i + 1]).
+void gather_bf16_pairs(const at::BFloat16* x, int64_t M, int64_t K, const Packed& p, uint32_t* xp, float* xsum) {
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const at::BFloat16* xm = x + m * K;
+    for (int64_t g = 0; g < p.G; ++g) {
+      float s = 0.f;
+      for (int64_t i = gp[g]; i < gp[g + 1]; i += 2) {
+        const int32_t r0 = rm[i], r1 = rm[i + 1];
+        const uint16_t lo = r0 >= 0 ? xm[r0].x : 0, hi = r1 >= 0 ? xm[r1].x : 0;
+        if (r0 >= 0) s += static_cast<float>(xm[r0]);
+        if (r1 >= 0) s += static_cast<float>(xm[r1]);
+        xp[(i / 2) * M + m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+      xsum[m * p.G + g] = s;
+    }
+  }
+}
+
 void gather_bf16(const at::BFloat16* x, int64_t M, int64_t K, const Packed& p, uint16_t* xb, float* xsum) {
   const int32_t* rm = p.row_map.data_ptr<int32_t>();
   const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
@@ -323,7 +343,12 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   std::vector<float> xsum(static_cast<size_t>(M * p.G));
   std::vector<float> xf;
   std::vector<uint16_t> xb;
-  if (dot) {
+  std::vector<uint32_t> xp;
+  if (dot && M >= kTiledMinM) {
+    xp.resize(static_cast<size_t>(M * p.Kp / 2));
+    gather_bf16_pairs(x2.data_ptr<at::BFloat16>(), M, p.K, p, xp.data(), xsum.data());
+    a.xp = xp.data();
+  } else if (dot) {
     xb.resize(static_cast<size_t>(M * p.Kp));
     gather_bf16(x2.data_ptr<at::BFloat16>(), M, p.K, p, xb.data(), xsum.data());
     a.xb = xb.data();
