@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -345,3 +346,76 @@ def test_reference_backend_in_engine(monkeypatch):
     ref = run_engine(str(fixture), prompts=prompts_of(fixture), prompt_logprobs=False)
     assert {p[0] for _, parts in ref["layers"][0] for p in parts} == {"reference"}
     _agree(ref, ours(name), TOL_SAME, "reference backend vs default backend")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints that leave some modules in float: dynamic "-:" rules, modules_in_block_to_quantize
+# ---------------------------------------------------------------------------------------------------
+
+
+def craft_partly_float(fixture: Path, dst: Path, is_float, quant_update: dict) -> list[str]:
+    """Copy ``fixture`` with the modules chosen by ``is_float`` stored as float ``.weight`` (GPTQModel's
+    own dequantized values) and ``quant_update`` merged into the quantization config."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fixture, dst, ignore=shutil.ignore_patterns("expected"))
+    tensors = load_file(str(fixture / "model.safetensors"))
+    deq = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+    floated = sorted(k[: -len(".weight")] for k in deq if is_float(k[: -len(".weight")]))
+    for module in floated:
+        for suffix in (".qweight", ".qzeros", ".scales", ".g_idx"):
+            tensors.pop(module + suffix, None)
+        tensors[module + ".weight"] = deq[module + ".weight"].t().contiguous()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "quantize_config.json"):
+        path = dst / name
+        if path.exists():
+            d = json.loads(path.read_text())
+            (d["quantization_config"] if "quantization_config" in d else d).update(quant_update)
+            path.write_text(json.dumps(d, indent=1))
+    return floated
+
+
+def _float_variant_fixture() -> Path | None:
+    for name in ("llama-int8-g64-asym", "qwen3-int8-g128-sym"):
+        if name in BY_NAME:
+            return BY_NAME[name]
+    return FIXTURES[0] if FIXTURES else None
+
+
+@pytest.mark.parametrize("mechanism", ["dynamic", "modules_in_block_to_quantize"])
+def test_modules_left_in_float(mechanism, tmp_path):
+    fixture = _float_variant_fixture()
+    if fixture is None:
+        pytest.skip("no fixtures")
+    if mechanism == "dynamic":
+        # layer 1's MLP stays in float; everything else is GPTQ
+        is_float = lambda m: m.startswith("model.layers.1.mlp.")  # noqa: E731
+        update = {"dynamic": {r"-:model\.layers\.1\.mlp\..*": {}}}
+    else:
+        is_float = lambda m: ".mlp." in m  # noqa: E731
+        update = {"modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                                   ["self_attn.o_proj"]]}
+    dst = tmp_path / "partly-float"
+    floated = craft_partly_float(fixture, dst, is_float, update)
+    assert floated
+    res = run_engine(str(dst), prompts=prompts_of(fixture), prompt_logprobs=False)
+    quantized = {n for n, _ in res["layers"][0]}
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) and is_float(n.replace("gate_up_proj", "gate_proj"))
+                   for n in quantized), quantized
+    assert any(n.endswith("qkv_proj") for n in quantized)
+    model = dequant_reference_model(fixture)  # the same weights, all from GPTQModel's dequantization
+    for p, prompt in enumerate(prompts_of(fixture)):
+        tokens, lps = hf_greedy(model, prompt, GEN_TOKENS)
+        assert res["tokens"][p] == tokens
+        worst = max(abs(d[t] - lp) for d, t, lp in zip(res["gen_logprobs"][p], tokens, lps))
+        assert worst <= TOL_DEQUANT
+
+
+def test_half_precision_activations():
+    """fp16 and bf16 activations (what NPUs run) give the float32 run's greedy tokens."""
+    name = "qwen3-int8-g128-sym" if "qwen3-int8-g128-sym" in BY_NAME else (sorted(BY_NAME) or [None])[0]
+    if name is None:
+        pytest.skip("no fixtures")
+    for dtype in ("float16", "bfloat16"):
+        _agree(ours(name, dtype=dtype, prompt_logprobs=False), ours(name), TOL_BF16, f"{dtype} vs float32")
