@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gptq_ascend import format as fmt
+from gptq_ascend import ops
 from gptq_ascend.backends import npu, triton_dequant
 from gptq_ascend.errors import BackendError
 
@@ -56,7 +57,10 @@ def test_triton_dequant_path_is_exact(case):
     layer = random_layer(bits, k, n, group, sym, f, act, seed=seed)
     args = npu.prepare_dequant_args(layer.tensors, layer.spec, k)
     assert args.qweight.dtype == torch.int32 and args.zeros.dtype == args.scales.dtype
-    packed = npu.pack_dequant(args, layer.spec, k, n, torch.device("cpu"), "triton")
+    packed = npu.pack_dequant(args, layer.spec, k, n, torch.device("cpu"), backend_name="npu_triton")
+    assert npu.packed_path(packed) == "dequant" and npu.dequant_impl(packed) == "triton"
+    # What the vLLM plugin does on every call: a plain PackedWeight rebuilt from the stored tensors.
+    packed = ops.PackedWeight(packed.backend, packed.spec, k, n, dict(packed.tensors), packed.perm)
     # (q - z) * s in float32 is exact; the kernel rounds once, like the reference: bit-exact.
     w = npu.NpuBackend().dequant(packed, dtype)
     assert torch.equal(w, layer.truth.to(dtype))

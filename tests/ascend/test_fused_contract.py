@@ -45,7 +45,7 @@ def _case_id(c):
     return f"int{b}-{k}x{n}-g{g}-{'sym' if sym else 'asym'}-{f}{'-act' if act else ''}"
 
 
-def _packed_on_cpu(layer) -> npu.NpuPackedWeight:
+def _packed_on_cpu(layer):
     """What repack_npu builds on the device, built on CPU with the documented int4 packing."""
     args = npu.prepare_fused_args(layer.tensors, layer.spec, layer.k)
     return npu.pack_fused(args, layer.spec, layer.k, layer.n, torch.device("cpu"),
@@ -104,6 +104,7 @@ def test_backend_dequant_returns_checkpoint_order(case):
     bits, k, n, group, sym, f, act = case
     layer = random_layer(bits, k, n, group, sym, f, act, seed=2)
     packed = _packed_on_cpu(layer)
+    assert npu.packed_path(packed) == "fused"
     w = npu.NpuBackend().dequant(packed, torch.float16)
     assert torch.equal(w, layer.truth.to(torch.float16))
 

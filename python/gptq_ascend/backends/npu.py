@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -325,18 +325,34 @@ def npu_triton_status() -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class NpuPackedWeight(PackedWeight):
-    mode: str = "fused"          # fused | ascendc | triton | dense
-    group_size: int = 0          # fused: antiquant_group_size; dequant: rows per group
-    reason: str = ""             # why this layer is not on the fused path ("" when it is)
-    _param_cache: dict = field(default_factory=dict, repr=False)
+# The state of a packed layer lives ONLY in PackedWeight.tensors / perm / spec: the vLLM plugin keeps the
+# tensors as layer buffers and rebuilds a plain PackedWeight from them on every call. The path is told by
+# the tensor names:
+FUSED_KEYS = ("weight", "scale", "offset")       # npu_weight_quant_batchmatmul arguments
+DEQUANT_KEYS = ("qweight", "zeros", "scales")    # dequant-kernel inputs (AscendC or Triton)
+DENSE_KEYS = ("dense_weight",)
 
-    def fused_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """antiquant_scale / antiquant_offset in the activation dtype (the op wants them equal)."""
-        if dtype not in self._param_cache:
-            self._param_cache[dtype] = (self.tensors["scale"].to(dtype), self.tensors["offset"].to(dtype))
-        return self._param_cache[dtype]
+
+def packed_path(packed: PackedWeight) -> str:
+    """"fused", "dequant" or "dense", from the tensor names."""
+    names = set(packed.tensors)
+    for path, keys in (("fused", FUSED_KEYS), ("dequant", DEQUANT_KEYS), ("dense", DENSE_KEYS)):
+        if names == set(keys):
+            return path
+    raise BackendError(f"{packed.backend}: packed tensors {sorted(names)} match no NPU path")
+
+
+def fused_group_size(spec: fmt.QuantSpec, in_features: int) -> int:
+    """antiquant_group_size: the group size, or 0 (per-channel) for a single group."""
+    return 0 if spec.num_groups(in_features) == 1 else spec.effective_group_size(in_features)
+
+
+def dequant_impl(packed: PackedWeight) -> str:
+    """"ascendc" or "triton" for a dequant-path layer: npu_triton always uses Triton; npu uses the AscendC
+    op when its library is loaded (unless GPTQ_ASCEND_NPU_MODE=triton), else Triton."""
+    if packed.backend == "npu_triton" or os.environ.get(MODE_ENV) == "triton":
+        return "triton"
+    return "ascendc" if ascendc_status()[0] else "triton"
 
 
 def _default_device() -> torch.device:
@@ -347,7 +363,7 @@ def _default_device() -> torch.device:
 
 
 def repack_npu(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int, mode: str = "auto",
-               device: torch.device | None = None, backend_name: str = "npu") -> NpuPackedWeight:
+               device: torch.device | None = None, backend_name: str = "npu") -> PackedWeight:
     """Load-time preparation for the NPU. ``mode``: auto | fused | ascendc | triton | dense."""
     fmt.validate_layer("layer", t, spec, in_features)
     k, n = in_features, t.out_features
@@ -375,7 +391,7 @@ def repack_npu(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int, mode: 
             if reason:
                 logger.info("gptq_ascend npu: layer %s -> %s dequant + NPU matmul (fused op refused: %s)",
                             what, chosen, reason)
-            return pack_dequant(args, spec, k, n, device, chosen, backend_name, reason)
+            return pack_dequant(args, spec, k, n, device, backend_name)
         except BackendError as e:
             if mode != "auto":
                 raise
@@ -387,8 +403,7 @@ def repack_npu(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int, mode: 
                                                    else torch.float16)
     logger.warning("gptq_ascend npu: layer %s kept DENSE on the NPU (%.1f MB instead of ~%.1f MB): %s",
                    what, w.numel() * w.element_size() / 1e6, k * n * spec.bits / 8e6, reason or "forced")
-    return NpuPackedWeight(backend_name, spec, k, n, {"weight": w.to(device)}, mode="dense",
-                           group_size=spec.effective_group_size(k), reason=reason or "forced")
+    return PackedWeight(backend_name, spec, k, n, {"dense_weight": w.to(device)})
 
 
 def _npu_int4pack(weight: torch.Tensor) -> torch.Tensor:
@@ -399,12 +414,13 @@ def _npu_int4pack(weight: torch.Tensor) -> torch.Tensor:
 
 def pack_fused(args: FusedArgs, spec: fmt.QuantSpec, k: int, n: int, device: torch.device,
                backend_name: str = "npu",
-               convert_int4: Callable[[torch.Tensor], torch.Tensor] = _npu_int4pack) -> NpuPackedWeight:
+               convert_int4: Callable[[torch.Tensor], torch.Tensor] = _npu_int4pack) -> PackedWeight:
     """Move the fused arguments to the device in the layouts the op is documented to prefer.
 
     ``convert_int4`` is torch_npu's ``npu_convert_weight_to_int4pack`` (tests pass
     :func:`int4pack_reference`, its documented behaviour, to run this on CPU).
     """
+    assert args.group_size == fused_group_size(spec, k)
     per_channel = args.group_size == 0
     if args.bits == 8:
         if per_channel:   # the documented fast layout for per-channel: a transposed (N, K) buffer
@@ -417,44 +433,48 @@ def pack_fused(args: FusedArgs, spec: fmt.QuantSpec, k: int, n: int, device: tor
             weight = convert_int4(w32.t().contiguous().to(device)).t()
         else:                                         # (K, N) -> (K, N/8)
             weight = convert_int4(w32.contiguous().to(device))
-    return NpuPackedWeight(
-        backend_name, spec, k, n,
-        {"weight": weight, "scale": args.scale.to(device), "offset": args.offset.to(device)},
-        perm=None if args.perm is None else args.perm.to(device), mode="fused", group_size=args.group_size)
+    return PackedWeight(backend_name, spec, k, n,
+                        {"weight": weight, "scale": args.scale.to(device), "offset": args.offset.to(device)},
+                        perm=None if args.perm is None else args.perm.to(device))
 
 
 def pack_dequant(args: DequantArgs, spec: fmt.QuantSpec, k: int, n: int, device: torch.device,
-                 mode: str, backend_name: str = "npu", reason: str = "") -> NpuPackedWeight:
-    """Move the dequant-path arguments to the device; ``mode`` is "ascendc" or "triton"."""
-    return NpuPackedWeight(
-        backend_name, spec, k, n,
-        {"qweight": args.qweight.to(device), "zeros": args.zeros.to(device), "scales": args.scales.to(device)},
-        perm=None if args.perm is None else args.perm.to(device),
-        mode=mode, group_size=args.group_size, reason=reason)
+                 backend_name: str = "npu") -> PackedWeight:
+    """Move the dequant-path arguments to the device."""
+    assert args.group_size == spec.effective_group_size(k)
+    return PackedWeight(backend_name, spec, k, n,
+                        {"qweight": args.qweight.to(device), "zeros": args.zeros.to(device),
+                         "scales": args.scales.to(device)},
+                        perm=None if args.perm is None else args.perm.to(device))
 
 
-def _dequant_kernel_order(packed: NpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
+def _dequant_kernel_order(packed: PackedWeight, dtype: torch.dtype, impl: str | None = None) -> torch.Tensor:
     """W in kernel (permuted) row order, in ``dtype``, on the device."""
     p = packed.tensors
-    if packed.mode == "dense":
-        return p["weight"].to(dtype)
-    if packed.mode == "ascendc":
-        return torch.ops.gptq_ascend.ascend_dequant(p["qweight"], p["zeros"], p["scales"], packed.spec.bits,
-                                                    packed.group_size, packed.in_features, dtype)
-    if packed.mode == "triton":
+    k = packed.in_features
+    path = packed_path(packed)
+    if path == "dense":
+        return p["dense_weight"].to(dtype)
+    if path == "dequant":
+        impl = impl or dequant_impl(packed)
+        gs = packed.spec.effective_group_size(k)
+        if impl == "ascendc":
+            return torch.ops.gptq_ascend.ascend_dequant(p["qweight"], p["zeros"], p["scales"], packed.spec.bits,
+                                                        gs, k, dtype)
         cores = _vector_cores() if p["qweight"].device.type == "npu" else triton_dequant.VECTOR_CORES_910B3
-        return triton_dequant.dequant_triton(p["qweight"], p["zeros"], p["scales"], packed.spec.bits,
-                                             packed.group_size, packed.in_features, dtype, core_num=cores)
+        return triton_dequant.dequant_triton(p["qweight"], p["zeros"], p["scales"], packed.spec.bits, gs, k,
+                                             dtype, core_num=cores)
     # fused: rebuild W from the op's own arguments with the op's formula.
     w = p["weight"]
     if packed.spec.bits == 4:
-        if w.shape == (packed.in_features, packed.out_features // INT4_PER_INT32):
+        if w.shape == (k, packed.out_features // INT4_PER_INT32):
             w = int4unpack_reference(w)
         else:   # transposed per-channel layout: a view of an (N, K/8) buffer
             w = int4unpack_reference(w.t().contiguous()).t()
     scale, offset = p["scale"].float(), p["offset"].float()
-    if packed.group_size:
-        idx = torch.arange(packed.in_features, device=w.device) // packed.group_size
+    group = fused_group_size(packed.spec, k)
+    if group:
+        idx = torch.arange(k, device=w.device) // group
         scale, offset = scale[idx], offset[idx]
     return ((w.float() + offset) * scale).to(dtype)
 
@@ -465,19 +485,24 @@ def _fused_op():
     return torch_npu.npu_weight_quant_batchmatmul
 
 
-def gemm_packed(x: torch.Tensor, packed: NpuPackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The per-call work of every path, device-agnostic (the argument checks are the caller's)."""
+def gemm_packed(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
+                impl: str | None = None) -> torch.Tensor:
+    """The per-call work of every path, device-agnostic (the argument checks are the caller's).
+    ``impl`` forces "ascendc" or "triton" for a dequant-path layer (benchmarks)."""
     lead = x.shape[:-1]
     x2 = fused_activation(x, packed.perm)
-    if packed.mode == "fused":
-        scale, offset = packed.fused_params(x.dtype)
-        y = _fused_op()(x2, packed.tensors["weight"], scale, offset, antiquant_group_size=packed.group_size)
-    elif packed.mode == "ascendc":
-        p = packed.tensors
+    path = packed_path(packed)
+    p = packed.tensors
+    if path == "fused":
+        # The op wants scale/offset in x's dtype: a no-op for fp16 models with fp16 checkpoint scales.
+        y = _fused_op()(x2, p["weight"], p["scale"].to(x.dtype), p["offset"].to(x.dtype),
+                        antiquant_group_size=fused_group_size(packed.spec, packed.in_features))
+    elif path == "dequant" and (impl or dequant_impl(packed)) == "ascendc":
         y = torch.ops.gptq_ascend.ascend_gemm(x2, p["qweight"], p["zeros"], p["scales"], None, None,
-                                              packed.spec.bits, packed.group_size, packed.in_features)
+                                              packed.spec.bits, packed.spec.effective_group_size(packed.in_features),
+                                              packed.in_features)
     else:
-        y = torch.matmul(x2, _dequant_kernel_order(packed, x.dtype))
+        y = torch.matmul(x2, _dequant_kernel_order(packed, x.dtype, impl))
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, packed.out_features)
@@ -519,17 +544,20 @@ class NpuBackend(Backend):
 
     def gemm(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         check_gemm_args(x, packed, bias, NPU_DTYPES, "npu")
-        assert isinstance(packed, NpuPackedWeight)
         return gemm_packed(x, packed, bias)
 
     def dequant(self, packed: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        assert isinstance(packed, NpuPackedWeight)
-        if dtype not in NPU_DTYPES:
-            raise BackendError(f"{packed.backend} dequant: dtype {dtype}; expected float16 or bfloat16")
-        w = _dequant_kernel_order(packed, dtype)
-        if packed.perm is not None:   # back to the checkpoint's K order
-            w = w.index_select(0, torch.argsort(packed.perm))
-        return w
+        return dequant_packed(packed, dtype)
+
+
+def dequant_packed(packed: PackedWeight, dtype: torch.dtype = torch.float16, impl: str | None = None) -> torch.Tensor:
+    """W [K, N] in the checkpoint's K order (the op contract's ``dequant``); ``impl`` as in gemm_packed."""
+    if dtype not in NPU_DTYPES:
+        raise BackendError(f"{packed.backend} dequant: dtype {dtype}; expected float16 or bfloat16")
+    w = _dequant_kernel_order(packed, dtype, impl)
+    if packed.perm is not None:   # back to the checkpoint's K order
+        w = w.index_select(0, torch.argsort(packed.perm))
+    return w
 
 
 register_backend(NpuBackend())
@@ -581,18 +609,18 @@ def npu_benchmark_cases(shapes=QWEN3_1_7B_SHAPES, ms=(1, 4, 16, 64, 256, 1024), 
             t = fmt.GPTQTensors(fmt.pack(codes, b, 0), fmt.pack_zeros(zeros, spec), scales)
             dense = fmt.dequantize(t, spec, k, dtype).to(device)
             packs = {}
-            for impl in ("fused", "ascendc", "triton"):
+            for impl, mode in (("fused", "fused"), ("ascendc", "ascendc"), ("triton", "triton")):
                 try:
-                    packs[impl] = repack_npu(t, spec, k, mode=impl, device=device)
+                    packs[impl] = repack_npu(t, spec, k, mode=mode, device=device)
                 except BackendError as e:
                     logger.info("benchmark: %s path unavailable for %dx%d %d-bit: %s", impl, k, n, b, e)
-            backend = NpuBackend()
             qbytes = k * n * b // 8 + 2 * g * n * 2
             for m in ms:
                 x = torch.randn((m, k), generator=gen).to(dtype).to(device)
                 cases.append(NpuBenchCase("fp16_matmul", k, n, m, b,
                                           (lambda x=x, w=dense: torch.matmul(x, w)), k * n * 2))
                 for impl, packed in packs.items():
+                    forced = None if impl == "fused" else impl
                     cases.append(NpuBenchCase(impl, k, n, m, b,
-                                              (lambda x=x, p=packed, b=backend: b.gemm(x, p)), qbytes))
+                                              (lambda x=x, p=packed, i=forced: gemm_packed(x, p, None, i)), qbytes))
     return cases
