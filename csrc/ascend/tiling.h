@@ -36,6 +36,7 @@
 namespace gptq_ascend {
 
 constexpr uint32_t kUbBytesA2 = 192 * 1024;   // Unified Buffer per AI core on Atlas A2/A3 (910B/910C)
+constexpr uint32_t kUbReserveBytes = 8 * 1024; // left to the runtime/compiler by the launcher's plan
 constexpr uint32_t kAlignBytes = 32;          // DataCopy / UB address granularity
 constexpr uint32_t kColAlign = 16;            // tileCols multiple: 32 bytes of fp16/bf16 output
 constexpr uint32_t kMaxTileCols = 512;

@@ -59,7 +59,7 @@ at::Tensor ascend_dequant(const at::Tensor& qweight, const at::Tensor& zeros, co
 
     DequantTiling t;
     TilingStatus st = ComputeTiling(k, n, static_cast<uint32_t>(bits), group_size, 2,
-                                    VectorCoreNum(qweight.device().index()), kUbBytesA2, &t);
+                                    VectorCoreNum(qweight.device().index()), kUbBytesA2 - kUbReserveBytes, &t);
     TORCH_CHECK(st == TilingStatus::kOk, "gptq_ascend::ascend_dequant: ", TilingStatusMessage(st));
     TORCH_CHECK(qweight.size(0) == static_cast<int64_t>(t.packedRows), "gptq_ascend::ascend_dequant: qweight has ",
                 qweight.size(0), " rows; ", t.packedRows, " expected for in_features=", in_features, " at ", bits,

@@ -132,6 +132,8 @@ private:
         LocalTensor<float> scaleF = scaleF32Buf_.Get<float>();
         LocalTensor<float> zeroF = zeroF32Buf_.Get<float>();
 
+        // The previous lane's vector ops still read codes/work: order the overwrite after them.
+        PipeBarrier<PIPE_V>();
         ShiftLeft(codes, words, static_cast<uint32_t>(32u - t_.bits * (lane + 1u)), static_cast<int32_t>(count));
         PipeBarrier<PIPE_V>();
         ShiftRight(codes, codes, static_cast<uint32_t>(32u - t_.bits), static_cast<int32_t>(count));
