@@ -10,7 +10,10 @@ says*; whether it does is what ``pytest -m npu`` checks on hardware (test_npu_ha
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,15 +185,14 @@ def test_act_order_with_non_contiguous_groups_is_refused():
 
 
 FIXTURES = gptq_fixture_dirs()
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints yet")
-@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
-def test_fused_args_match_gptqmodel_fixtures(fixture):
-    """GPTQModel's own dequantized weights, from the fused arguments and the documented formula."""
-    config = fmt.GPTQConfig.load(fixture)
-    ckpt = Checkpoint.open(fixture)
-    expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+def _check_checkpoint(folder: Path, expected: dict[str, torch.Tensor] | None) -> int:
+    """Every quantized layer of a checkpoint, read as the plugin reads it, through the fused arguments
+    and the documented formula; compared with ``expected`` ([K, N] weights) or the reference dequant."""
+    config = fmt.GPTQConfig.load(folder)
+    ckpt = Checkpoint.open(folder)
     checked = 0
     for prefix in ckpt.quantized_layers():
         spec = config.spec_for(prefix)
@@ -204,11 +206,32 @@ def test_fused_args_match_gptqmodel_fixtures(fixture):
         w = antiquant_weight_model(args.weight, args.scale, args.offset, args.group_size, k)
         if args.perm is not None:
             w = w[torch.argsort(args.perm)]
-        ref = expected[f"{prefix}.weight"].to(torch.float64)
-        # GPTQModel rounds in fp16; the formula is exact: one fp16 ulp of the value, as tests/test_format.
-        tol = ref.abs() * 2.0**-10 + 2.0**-24
-        assert bool(((w - ref).abs() <= tol).all()), f"{fixture.name}:{prefix}"
+        if expected is None:
+            assert torch.equal(w, fmt.dequantize(t, spec, k, torch.float64)), f"{folder.name}:{prefix}"
+        else:
+            ref = expected[f"{prefix}.weight"].to(torch.float64)
+            # GPTQModel rounds in fp16; the formula is exact: one fp16 ulp of the value, as tests/test_format.
+            tol = ref.abs() * 2.0**-10 + 2.0**-24
+            assert bool(((w - ref).abs() <= tol).all()), f"{folder.name}:{prefix}"
         checked += 1
-    info = fixture_info(fixture)
-    if info.get("bits") in (4, 8):
+    return checked
+
+
+@pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints yet")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_fused_args_match_gptqmodel_fixtures(fixture):
+    """GPTQModel's own dequantized weights, from the fused arguments and the documented formula."""
+    expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+    checked = _check_checkpoint(fixture, expected)
+    if fixture_info(fixture).get("bits") in (4, 8):
         assert checked, f"{fixture.name}: no layer took the fused path"
+
+
+@pytest.mark.parametrize("bits,sym", [(8, True), (4, False)])
+def test_fused_args_on_a_synthetic_checkpoint(bits, sym, tmp_path):
+    """The checkpoint reader + config + fused arguments, on a tiny Qwen3-shaped checkpoint written by
+    tools/make_synthetic_gptq.py (v1 zero points, g_idx stored): exact against the reference dequant."""
+    out = tmp_path / f"syn{bits}"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_gptq.py"), str(out), "--preset", "tiny",
+                    "--bits", str(bits), "--sym" if sym else "--no-sym"], check=True, capture_output=True)
+    assert _check_checkpoint(out, None) > 0
