@@ -9,6 +9,8 @@ rounding -- is compared here with the ground truth of random GPTQ layers. It run
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +108,17 @@ def test_dequant_args_act_order_repacks_rows():
     original = fmt.unpack_weight_codes(layer.tensors, layer.spec, 256)
     assert torch.equal(codes, original[args.perm])
     assert torch.equal(layer.tensors.g_idx.long()[args.perm], torch.arange(256) // 64)
+
+
+def test_modules_import_without_triton_and_say_why():
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "from gptq_ascend import ops\n"
+        "from gptq_ascend.backends import triton_dequant, npu\n"
+        "ok, why = triton_dequant.available(); assert not ok and 'triton' in why, why\n"
+        "b = ops.backends()['npu_triton']; ok, why = b.available(); assert not ok and why, why\n"
+        "print(triton_dequant.plan_tiling(2048, 2048, 8, 128).tile_rows)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "16"
