@@ -78,6 +78,9 @@ def prompts_of(fixture: Path) -> list[list[int]]:
 def shutdown(llm) -> None:
     from vllm.distributed import cleanup_dist_env_and_memory
 
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()  # stop TP workers now, not in an atexit finalizer after pytest has closed its logs
     del llm
     gc.collect()
     cleanup_dist_env_and_memory()
