@@ -178,7 +178,7 @@ def test_models_and_health(server):
 @needs_fixture
 def test_completions_equal_the_reference(server, prompts, reference_tokens):
     _, ids, tok = prompts
-    for p, ref in zip(ids, reference_tokens):
+    for p, ref in zip(ids, reference_tokens, strict=True):
         # token-id prompt: exactly the fixture's prompt; past end-of-text like the reference
         out = completion(server, p, ignore_eos=True, return_token_ids=True)
         assert out["choices"][0]["token_ids"] == ref

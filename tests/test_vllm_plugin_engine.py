@@ -250,8 +250,8 @@ def test_fixture_greedy_matches_dequantized_reference(name):
     for p, prompt in enumerate(prompts_of(fixture)):
         tokens, lps = hf_greedy(model, prompt, GEN_TOKENS)
         assert res["tokens"][p] == tokens, f"{name} prompt {p}: vLLM {res['tokens'][p]} vs reference {tokens}"
-        ours_lps = [d[t] for d, t in zip(res["gen_logprobs"][p], tokens)]
-        worst = max(abs(a - b) for a, b in zip(ours_lps, lps))
+        ours_lps = [d[t] for d, t in zip(res["gen_logprobs"][p], tokens, strict=True)]
+        worst = max(abs(a - b) for a, b in zip(ours_lps, lps, strict=True))
         assert worst <= TOL_DEQUANT, f"{name} prompt {p}: generated-token logprob differs by {worst:.2e}"
 
 
@@ -267,8 +267,8 @@ CONVERT = ["qwen3-int8-g128-sym", ACT_ORDER]
 def _agree(a: dict, b: dict, tol: float, what: str) -> float:
     assert a["tokens"] == b["tokens"], f"{what}: greedy tokens differ: {a['tokens']} vs {b['tokens']}"
     worst = 0.0
-    for la, lb, toks in zip(a["gen_logprobs"], b["gen_logprobs"], a["tokens"]):
-        for da, db, t in zip(la, lb, toks):
+    for la, lb, toks in zip(a["gen_logprobs"], b["gen_logprobs"], a["tokens"], strict=True):
+        for da, db, t in zip(la, lb, toks, strict=True):
             worst = max(worst, abs(da[t] - db[t]))
     assert worst <= tol, f"{what}: generated-token logprobs differ by up to {worst:.3g} (tolerance {tol})"
     return worst
@@ -411,7 +411,7 @@ def test_modules_left_in_float(mechanism, tmp_path):
     for p, prompt in enumerate(prompts_of(fixture)):
         tokens, lps = hf_greedy(model, prompt, GEN_TOKENS)
         assert res["tokens"][p] == tokens
-        worst = max(abs(d[t] - lp) for d, t, lp in zip(res["gen_logprobs"][p], tokens, lps))
+        worst = max(abs(d[t] - lp) for d, t, lp in zip(res["gen_logprobs"][p], tokens, lps, strict=True))
         assert worst <= TOL_DEQUANT
 
 

@@ -24,12 +24,10 @@ import torch
 
 pytest.importorskip("vllm")
 
+import gptq_ascend.vllm_plugin as plugin  # noqa: E402
 from gptq_ascend import format as fmt  # noqa: E402
 from gptq_ascend import ops  # noqa: E402
 from gptq_ascend.errors import ConfigError  # noqa: E402
-from gptq_ascend.format import GPTQConfig  # noqa: E402
-
-import gptq_ascend.vllm_plugin as plugin  # noqa: E402
 
 plugin.register()
 
@@ -124,7 +122,6 @@ def run_layer(kind: str, spec: fmt.QuantSpec, tp: int, backend: str, monkeypatch
     sizes = {"qkv": [heads * head, kv_heads * head, kv_heads * head], "merged": [256, 256],
              "column": [192], "row": [128], "replicated": [96]}[kind]
     k = 256 if kind == "row" else hidden
-    names = {"qkv": ["q_proj", "k_proj", "v_proj"], "merged": ["gate_proj", "up_proj"]}.get(kind, [kind])
     ckpt = [random_gptq(k, n, spec, seed + 17 * i, with_g_idx) for i, n in enumerate(sizes)]
     if spec.desc_act and not shards_differ and with_g_idx:  # one input, one Hessian: one permutation
         for t in ckpt[1:]:
@@ -154,7 +151,7 @@ def run_layer(kind: str, spec: fmt.QuantSpec, tp: int, backend: str, monkeypatch
                 layer = vlinear.ReplicatedLinear(hidden, sizes[0], bias=False, quant_config=cfg, prefix=prefix)
             assert isinstance(layer.quant_method, GPTQAscendLinearMethod)
             shard_ids = {"qkv": ["q", "k", "v"], "merged": [0, 1]}.get(kind, [None])
-            for t, sid in zip(ckpt, shard_ids):
+            for t, sid in zip(ckpt, shard_ids, strict=True):
                 for pname in ("qweight", "qzeros", "scales", "g_idx"):
                     if pname in t:
                         load(layer, pname, t[pname], sid)
@@ -344,7 +341,8 @@ def test_fused_modules_with_different_settings_are_refused_naming_them():
     spec = fmt.QuantSpec(4, 32, True, False, "gptq")
     cfg = quant_config(spec, dynamic={r"+:.*\.k_proj": {"bits": 8}})
     with tp_rank(0, 1), pytest.raises(ConfigError) as e:
-        vlinear.QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=cfg, prefix="model.layers.0.self_attn.qkv_proj")
+        vlinear.QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=cfg,
+                                  prefix="model.layers.0.self_attn.qkv_proj")
     msg = str(e.value)
     assert "model.layers.0.self_attn.k_proj: bits=8" in msg and "model.layers.0.self_attn.q_proj: bits=4" in msg
     cfg = quant_config(spec, dynamic={r"-:.*\.up_proj": {}})
@@ -366,9 +364,11 @@ def test_dynamic_override_reaches_the_layer(monkeypatch):
 
 def test_modules_in_block_to_quantize():
     spec = fmt.QuantSpec(4, 32, True, False, "gptq")
-    cfg = quant_config(spec, modules_in_block_to_quantize=[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]])
+    cfg = quant_config(spec, modules_in_block_to_quantize=[["self_attn.q_proj", "self_attn.k_proj",
+                                                            "self_attn.v_proj"]])
     with tp_rank(0, 1):
-        qkv = vlinear.QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=cfg, prefix="model.layers.0.self_attn.qkv_proj")
+        qkv = vlinear.QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=cfg,
+                                        prefix="model.layers.0.self_attn.qkv_proj")
         down = vlinear.RowParallelLinear(256, 128, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
     assert isinstance(qkv.quant_method, GPTQAscendLinearMethod)
     assert isinstance(down.quant_method, vlinear.UnquantizedLinearMethod)

@@ -73,7 +73,7 @@ class GPTQAscendConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "GPTQAscendConfig":
+    def from_config(cls, config: dict[str, Any]) -> GPTQAscendConfig:
         source = "gptq_ascend: config.json [quantization_config]"
         check_plugin_fields(config, source)
         gptq = GPTQConfig.from_dict(config, source=source)

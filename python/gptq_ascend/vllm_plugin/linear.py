@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +66,13 @@ _logged_choices: set[tuple[str, str]] = set()
 # --------------------------------------------------------------------------------------------------
 
 
-def _gemm_impl(x: torch.Tensor, tensors: list[torch.Tensor], perm: Optional[torch.Tensor],
-               bias: Optional[torch.Tensor], backend: str, names: str, bits: int, group_size: int,
+def _gemm_impl(x: torch.Tensor, tensors: list[torch.Tensor], perm: torch.Tensor | None,
+               bias: torch.Tensor | None, backend: str, names: str, bits: int, group_size: int,
                sym: bool, desc_act: bool, checkpoint_format: str, in_features: int,
                out_features: int) -> torch.Tensor:
     spec = _spec(bits, group_size, sym, desc_act, checkpoint_format)
     packed = ops.PackedWeight(backend, spec, in_features, out_features,
-                              dict(zip(names.split(","), tensors)), perm)
+                              dict(zip(names.split(","), tensors, strict=True)), perm)
     return ops.get_backend(backend).gemm(x, packed, bias)
 
 
@@ -88,8 +88,8 @@ def _spec(bits: int, group_size: int, sym: bool, desc_act: bool, checkpoint_form
 
 
 @torch.library.custom_op("gptq_ascend_vllm::gemm", mutates_args=())
-def opaque_gemm(x: torch.Tensor, tensors: list[torch.Tensor], perm: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], backend: str, names: str, bits: int, group_size: int,
+def opaque_gemm(x: torch.Tensor, tensors: list[torch.Tensor], perm: torch.Tensor | None,
+                bias: torch.Tensor | None, backend: str, names: str, bits: int, group_size: int,
                 sym: bool, desc_act: bool, checkpoint_format: str, in_features: int,
                 out_features: int) -> torch.Tensor:
     """``backend.gemm`` as one op torch.compile does not look into (y = x @ W + bias)."""
@@ -432,7 +432,7 @@ class GPTQAscendLinearMethod(LinearMethodBase):
                                s.group_size, s.sym, s.desc_act, s.checkpoint_format, part.in_features,
                                part.out_features)
         packed = ops.PackedWeight(part.backend, part.spec, part.in_features, part.out_features,
-                                  dict(zip(part.names, tensors)), perm)
+                                  dict(zip(part.names, tensors, strict=True)), perm)
         return ops.get_backend(part.backend).gemm(x, packed, bias)
 
 
