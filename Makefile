@@ -13,7 +13,7 @@ CPU_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 EXT_STAMP := $(VENV)/.ext-built
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-slow lint clean-venv
+.PHONY: env demo test test-slow test-ascend lint clean-venv
 
 env: $(EXT_STAMP)
 
@@ -43,7 +43,18 @@ $(EXT_STAMP): $(PROJECT_STAMP) $(CPU_SOURCES)
 
 test: env
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -m "not slow and not npu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not npu and not ascend_toolchain" $(PYTEST_ARGS)
+
+# Ascend checks that need triton-ascend + ascendnpu-ir (no NPU, no CANN): Triton compiled for
+# Ascend910B3 up to the CANN-only last stage. Their 1.7 GB toolchain lives in .venv-ascend, not .venv.
+ASCEND_VENV := .venv-ascend
+ASCEND_STAMP := $(ASCEND_VENV)/.gptq-ascend-stamp
+
+$(ASCEND_STAMP): tools/setup_ascend_venv.sh
+	bash tools/setup_ascend_venv.sh
+
+test-ascend: $(ASCEND_STAMP)
+	GPTQ_ASCEND_REQUIRE_TOOLCHAIN=1 $(ASCEND_VENV)/bin/python -m pytest tests/ascend -m "not npu" $(PYTEST_ARGS)
 
 test-slow: env
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
