@@ -89,7 +89,7 @@ struct DequantArgs {
   const uint8_t* zeros = nullptr;
   float sym_zero = 0.f;
   const int32_t* group_ptr = nullptr;
-  void* out = nullptr;  // [Kp][ldo], block b lands at columns (b - b_origin) * 64
+  void* out = nullptr;  // [Kp][ldo], block b lands at columns (b - b_origin) * 64 (dequant_t: transposed)
   int64_t ldo = 0;
   int64_t b_origin = 0;
   OutType out_type = OutType::F32;  // F32 or BF16
@@ -100,6 +100,9 @@ struct DequantArgs {
 namespace avx512 {
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot);
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
+// W^T in BF16: block b's column n lands in row (b - b_origin) * 64 + n, padded K along the row.
+// Needs AVX512-BF16.
+bool dequant_t_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
 }  // namespace avx512
 namespace avx2 {
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1);
