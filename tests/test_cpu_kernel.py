@@ -55,7 +55,11 @@ ISAS = _isas()
 
 
 _DEFAULTS = cpu_mod.kernel_settings() if _OK else {"small_m_max_bf16": "0", "small_m_max_f32": "0"}
-SWITCH = max(int(_DEFAULTS["small_m_max_bf16"]), int(_DEFAULTS["small_m_max_f32"]))
+
+
+def switch_for(dt: torch.dtype) -> int:
+    """The largest M the fused kernel takes for activations of this dtype (default settings)."""
+    return int(_DEFAULTS["small_m_max_bf16" if dt == torch.bfloat16 else "small_m_max_f32"])
 
 
 @pytest.fixture
@@ -136,26 +140,33 @@ def test_gemm_and_dequant_match_float64(cfg, isa_config):
             got = BACKEND.dequant(packed, dt)
             assert got.dtype == dt and got.shape == (k, n)
             assert torch.equal(got, w.to(dt)), f"{isa} dequant {dt}"
-        for dt in DTYPES:
-            for m in (1, 3, SWITCH + 7):
-                x = x_for(m, k, dt, seed=m)
-                y = BACKEND.gemm(x, packed)
-                assert y.dtype == dt and y.shape == (m, n)
-                err = rel_err(y, x.double() @ w)
-                assert err <= REL_TOL[dt], f"{isa} {dt} M={m}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
+        # Fused kernel (M = 1 and 3: direct; 9: decode-once tiles for bf16), then the dequant + GEMM path.
+        for small_m_max, ms in ((None, (1, 3, 9)), (0, (5,))):
+            if small_m_max is not None:
+                isa_config(isa, small_m_max)
+            for dt in DTYPES:
+                for m in ms:
+                    x = x_for(m, k, dt, seed=m)
+                    y = BACKEND.gemm(x, packed)
+                    assert y.dtype == dt and y.shape == (m, n)
+                    err = rel_err(y, x.double() @ w)
+                    assert err <= REL_TOL[dt], \
+                        f"{isa} {dt} M={m} small_m_max={small_m_max}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
+        isa_config("auto", int(_DEFAULTS["small_m_max_bf16"]), int(_DEFAULTS["small_m_max_f32"]))
 
 
 @pytest.mark.parametrize("bits", (8, 4))
 @pytest.mark.parametrize("dt", DTYPES, ids=str)
 def test_every_m_from_1_to_beyond_switch(bits, dt, isa_config):
-    """Every row-tile remainder of the fused kernel (MR up to 6) and both sides of the switch-over."""
+    """Every row-tile split of the fused kernels (tiles of <= 6 rows, direct below 5 rows for bf16,
+    decode-once tiles from 5), and both sides of this dtype's default switch-over to the GEMM path."""
     k, n = 200, 136
     t, spec, w = make_layer(k, n, bits, 64, False, True, "gptq", seed=bits)
     packed = BACKEND.repack(t, spec, k)
-    top = SWITCH + 9
+    s = switch_for(dt)
     for isa in ISAS[:2]:
         isa_config(isa)
-        for m in range(1, top + 1):
+        for m in [*range(1, 41), s, s + 1]:
             x = x_for(m, k, dt, seed=m)
             err = rel_err(BACKEND.gemm(x, packed), x.double() @ w)
             assert err <= REL_TOL[dt], f"{isa} M={m}: {err:.2e}"
@@ -174,13 +185,15 @@ def test_both_paths_agree(small_m_max, isa_config):
 
 @pytest.mark.parametrize("bits", (8, 4))
 @pytest.mark.parametrize("dt", DTYPES, ids=str)
-@pytest.mark.parametrize("m", (1, 5, 70))
-def test_bias_batch_dims_and_out_variant(bits, dt, m):
+@pytest.mark.parametrize("m,small_m_max", ((1, None), (5, None), (70, None), (70, 0)))
+def test_bias_batch_dims_and_out_variant(bits, dt, m, small_m_max, isa_config):
+    if small_m_max is not None:
+        isa_config("auto", small_m_max)
     k, n = 96, 80
     t, spec, w = make_layer(k, n, bits, 32, True, False, "gptq_v2", seed=3)
     packed = BACKEND.repack(t, spec, k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(torch.float16)
-    x = x_for(m, k, dt, shape=(2, m))  # [2, m, K]
+    x = x_for(m, k, dt, shape=(2, m))  # [2, m, K]: M = 2m rows (fused kernel; GEMM path tested below)
     y = BACKEND.gemm(x, packed, bias)
     assert y.shape == (2, m, n) and y.dtype == dt
     ref = x.double() @ w + bias.double()

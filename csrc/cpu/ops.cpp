@@ -41,11 +41,14 @@ struct Config {
   Isa isa = Isa::Generic;
   bool bf16_dot = false;  // AVX512-BF16 present: bf16 activations use vdpbf16ps
   // Largest M the fused kernel takes; above it, tiles are dequantized and multiplied by ATen's GEMM.
-  // Picked by measurement (docs/cpu-kernel.md): the fused kernel does the multiply-adds itself at
-  // 16 (fp32) or 32 (bf16 dot) MACs per instruction, ATen's GEMM reaches the same peak but only
-  // pays off once it amortizes the dequantization of each tile over enough rows.
-  int64_t small_m_max_bf16 = 32;
-  int64_t small_m_max_f32 = 16;
+  // Picked by measurement (docs/cpu-kernel.md, 2-core Zen 4): the fused kernel does the multiply-adds
+  // itself at 16 (fp32 FMA) or 32 (vdpbf16ps) MACs per instruction from one decode per weight; ATen's
+  // BF16 GEMM runs ~10% closer to peak but pays ~0.2 ns per weight to write the dequantized tile, so
+  // it only wins once M is large: fused vs GEMM path, int8 K=2048 N=4096, one core, CPU time:
+  // M=128 11.5 vs 13.0 ms, M=192 17.6 vs 17.7 ms. For fp32/fp16 activations ATen's fp32 GEMM is
+  // half as fast as BF16 and the fused kernel still wins at M=256 (44.9 vs 50.9 ms).
+  int64_t small_m_max_bf16 = 192;
+  int64_t small_m_max_f32 = 256;
 };
 
 bool cpu_has(const char* feature) {
