@@ -25,7 +25,7 @@ from gptq_ascend.checkpoint import Checkpoint
 from gptq_ascend.cli import main as cli
 from gptq_ascend.convert import VerifyFailed, convert, verify_conversion
 
-from .conftest import fixture_info, gptq_fixture_dirs
+from .conftest import gptq_fixture_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = gptq_fixture_dirs()
@@ -343,10 +343,10 @@ def test_inspect_reports_settings_sizes_and_modes(synthetic):
 
 @needs_fixtures
 def test_inspect_every_fixture(gptq_fixture):
-    info = fixture_info(gptq_fixture)
+    bits = fmt.GPTQConfig.load(gptq_fixture).default.bits
     rc, out = run_cli("inspect", str(gptq_fixture))
     assert rc == 0, out
-    assert f"bits={info['bits']}" in out
+    assert f"bits={bits}" in out
 
 
 def test_cli_help_explains_every_flag():

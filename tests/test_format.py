@@ -21,7 +21,7 @@ from gptq_ascend import format as fmt
 from gptq_ascend.checkpoint import Checkpoint
 from gptq_ascend.errors import ConfigError, FormatError
 
-from .conftest import fixture_info, gptq_fixture_dirs
+from .conftest import gptq_fixture_dirs
 
 
 def autogptq_pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -182,7 +182,8 @@ def test_reference_dequant_equals_gptqmodel(fixture):
 @pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints")
 def test_the_int8_view_mistake_is_far_from_gptqmodel():
     """The earlier converter's `qweight.T.view(int8) * scale`: reading it must be visibly wrong."""
-    fixture = next(p for p in FIXTURES if fixture_info(p)["bits"] == 8 and fixture_info(p).get("sym", True))
+    fixture = next(p for p in FIXTURES
+                   if fmt.GPTQConfig.load(p).default.bits == 8 and fmt.GPTQConfig.load(p).default.sym)
     ckpt = Checkpoint.open(fixture)
     expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
     prefix = next(iter(ckpt.quantized_layers()))
