@@ -103,8 +103,11 @@ def run_engine(model: str, *, quantization: str | None = "gptq_ascend", dtype: s
                prompts: list[list[int]], gen_tokens: int = GEN_TOKENS, prompt_logprobs: bool = True,
                report: bool = True, **kw) -> dict:
     """Start an engine, run greedy generation with logprobs, stop it. Returns plain data."""
+    import vllm.envs
     from vllm import LLM, SamplingParams
 
+    if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier engine froze the env vars it read
+        vllm.envs.disable_envs_cache()
     args = dict(model=model, quantization=quantization, dtype=dtype, enforce_eager=True, max_model_len=256,
                 seed=0, gpu_memory_utilization=0.5)
     args.update(kw)
