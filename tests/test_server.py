@@ -35,9 +35,6 @@ from .conftest import gptq_fixture_dirs  # noqa: E402
 pytestmark = pytest.mark.server
 
 FIXTURES = gptq_fixture_dirs()
-if os.environ.get("GPTQ_ASCEND_TEST_FIXTURES"):  # development: fixtures from another folder
-    FIXTURES = sorted(p for p in Path(os.environ["GPTQ_ASCEND_TEST_FIXTURES"]).iterdir()
-                      if (p / "expected" / "fixture.json").exists())
 PREFERRED = "qwen3-int8-g128-sym"
 FIXTURE = next((p for p in FIXTURES if p.name == PREFERRED), FIXTURES[0] if FIXTURES else None)
 MODEL_NAME = "gptq-fixture"

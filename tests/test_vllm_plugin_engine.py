@@ -41,9 +41,6 @@ from .conftest import fixture_info, gptq_fixture_dirs  # noqa: E402
 pytestmark = pytest.mark.engine
 
 FIXTURES = gptq_fixture_dirs()
-if os.environ.get("GPTQ_ASCEND_TEST_FIXTURES"):  # development: fixtures from another folder
-    FIXTURES = sorted(p for p in Path(os.environ["GPTQ_ASCEND_TEST_FIXTURES"]).iterdir()
-                      if (p / "expected" / "fixture.json").exists())
 BY_NAME = {p.name: p for p in FIXTURES}
 needs_fixtures = pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints")
 
