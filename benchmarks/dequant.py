@@ -166,6 +166,7 @@ class Point:
     calls: dict[str, int] = field(default_factory=dict)
     floor_ms: float = 0.0
     gptq_mib: float = 0.0
+    agreement: dict[str, float] = field(default_factory=dict)  # relative difference from ours, M=4
 
 
 def run_shape(label, k, n, bits, ms, args, dev, sync, bw_gbs, rotate_bytes) -> list[Point]:
@@ -212,10 +213,22 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, bw_gbs, rotate_bytes) -> l
         rp = ref.repack(t, spec, k)
         methods["ref"] = (1, lambda x: lambda i: ref.gemm(x, rp))
 
+    # Same weights, same product: every method against ours on one input, before timing anything.
+    agree = {}
+    x = torch.randn(4, k, dtype=torch.float32).to(act).to(dev)
+    y_ours = methods["ours"][1](x)(0).float().cpu()
+    for name, (_, make) in methods.items():
+        if name != "ours":
+            y = make(x)(0).float().cpu()
+            agree[name] = float((y - y_ours).norm() / y_ours.norm())
+            if agree[name] > 2e-2:
+                print(f"  WARNING: {name} differs from ours by {agree[name]:.2e} (relative) on {label} int{bits}",
+                      file=sys.stderr)
+
     points = []
     for m in ms:
         x = torch.randn(m, k, dtype=torch.float32).to(act).to(dev)
-        p = Point(label, k, n, bits, m, floor_ms=floor_ms, gptq_mib=nbytes / MIB)
+        p = Point(label, k, n, bits, m, floor_ms=floor_ms, gptq_mib=nbytes / MIB, agreement=agree)
         for name, (copies, make) in methods.items():
             if name == "ref" and m > args.ref_max_m:
                 continue

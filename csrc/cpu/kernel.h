@@ -51,8 +51,9 @@
 namespace gptq_cpu {
 
 constexpr int kBlockN = 64;  // columns per N-block
-// From this M on, BF16 activations on AVX512-BF16 take the decode-once tiled kernel, which wants x
-// pair-major (GemmArgs::xp); below it the direct kernel reads x row-major (GemmArgs::xb).
+// From this M on, the AVX-512 kernels decode each chunk of weights once and run register tiles over
+// it; they want x pair-major (GemmArgs::xp, BF16) or k-major (GemmArgs::xt, fp32). Below it the
+// direct kernels read x row-major (GemmArgs::xb / xf).
 constexpr int64_t kTiledMinM = 5;
 
 enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2 };
@@ -73,6 +74,7 @@ struct GemmArgs {
   const float* xf = nullptr;     // [M][Kp] activations gathered to fp32 (fp32 paths)
   const uint16_t* xb = nullptr;  // [M][Kp] activations gathered as bf16 bits (bf16 dot path, M < kTiledMinM)
   const uint32_t* xp = nullptr;  // [Kp/2][M] bf16 (k, k+1) pairs, pair-major (bf16 dot path, M >= kTiledMinM)
+  const float* xt = nullptr;     // [Kp][M] fp32, k-major (AVX-512 fp32 path, M >= kTiledMinM)
   const float* xsum = nullptr;   // [M][G] per-group sums of the gathered activations
   const float* bias = nullptr;   // [N] fp32 or null
   void* out = nullptr;           // [M][ldo] of out_type

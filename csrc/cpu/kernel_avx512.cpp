@@ -419,6 +419,123 @@ void small_m_bf16_tiled(const GemmArgs& a, int64_t b0, int64_t b1, float* total,
 }
 
 // ------------------------------------------------------------------------------------------------
+// fp32 activations, M >= kTiledMinM: the same decode-once structure with fp32 weights. Per k-pair the
+// scratch holds 8 vectors (rows k and k+1, 4 x 16 columns, exact integers q); tiles of <= 6 rows x 64
+// columns do 2 * 4 * MR FMAs per k-pair from 8 L1 loads and 2 * MR broadcasts. x is k-major
+// (xt[k * M + m]).
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kChunkF32 = 32;  // k-pairs per decoded chunk: 32 * 512 B = 16 KiB
+
+struct DecF32I8 {
+  static constexpr int kPairBytes = 2 * kBlockN;
+  static ALWAYS_INLINE void decode(const uint8_t* c, __m512* w) {  // w[0..3]: row k, w[4..7]: row k+1
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int v = 0; v < kV; ++v) {
+      const __m512 lo = u8x16_to_ps(c + 32 * v), hi = u8x16_to_ps(c + 32 * v + 16);
+      w[v] = _mm512_permutex2var_ps(lo, even, hi);
+      w[kV + v] = _mm512_permutex2var_ps(lo, odd, hi);
+    }
+  }
+};
+
+struct DecF32I4 {
+  static constexpr int kPairBytes = kBlockN;
+  static ALWAYS_INLINE void decode(const uint8_t* c, __m512* w) {
+    __m512i P[kV];
+    unpack_nibbles<0>(c, P);
+    const __m512i lo16 = _mm512_set1_epi32(0xffff);
+    for (int v = 0; v < kV; ++v) {
+      w[v] = _mm512_cvtepi32_ps(_mm512_and_si512(P[v], lo16));
+      w[kV + v] = _mm512_cvtepi32_ps(_mm512_srli_epi32(P[v], 16));
+    }
+  }
+};
+
+template <int MR>
+ALWAYS_INLINE void fma_tile(const __m512* w, int64_t np, const float* xt, int64_t ldt, float* total, const __m512* s,
+                            const char* pf, int pf_lines) {
+  __m512 acc[MR][kV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    if (pf) {
+      for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + (p * pf_lines + l) * 64, _MM_HINT_T0);
+    }
+    const __m512* wp = w + p * 2 * kV;
+    const float* x0 = xt + (2 * p) * ldt;
+    const float* x1 = x0 + ldt;
+    for (int h = 0; h < 2; ++h) {  // row k, then row k+1
+      const float* xr = h ? x1 : x0;
+      __m512 wv[kV];
+      for (int v = 0; v < kV; ++v) wv[v] = _mm512_load_ps(reinterpret_cast<const float*>(wp + h * kV + v));
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xb = _mm512_set1_ps(xr[r]);
+        for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_fmadd_ps(wv[v], xb, acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kV; ++v) {
+      float* t = total + r * kBlockN + 16 * v;
+      _mm512_storeu_ps(t, _mm512_fmadd_ps(s[v], acc[r][v], _mm512_loadu_ps(t)));
+    }
+}
+
+ALWAYS_INLINE void fma_rows(const __m512* w, int64_t np, const float* xt, int64_t ldt, int64_t M, float* total,
+                            const __m512* s, const char* pf, int pf_lines) {
+  constexpr int64_t kMaxMR = 6;
+  const int64_t ntiles = (M + kMaxMR - 1) / kMaxMR;
+  const int64_t base = M / ntiles, extra = M % ntiles;
+  int64_t m0 = 0;
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t mr = base + (t < extra ? 1 : 0);
+    const float* xr = xt + m0;
+    float* tr = total + m0 * kBlockN;
+    switch (mr) {
+      case 6: fma_tile<6>(w, np, xr, ldt, tr, s, pf, pf_lines); break;
+      case 5: fma_tile<5>(w, np, xr, ldt, tr, s, pf, pf_lines); break;
+      case 4: fma_tile<4>(w, np, xr, ldt, tr, s, pf, pf_lines); break;
+      case 3: fma_tile<3>(w, np, xr, ldt, tr, s, pf, pf_lines); break;
+      case 2: fma_tile<2>(w, np, xr, ldt, tr, s, pf, pf_lines); break;
+      default: fma_tile<1>(w, np, xr, ldt, tr, s, pf, pf_lines); break;
+    }
+    m0 += mr;
+    pf = nullptr;
+  }
+}
+
+template <class D>
+void small_m_f32_tiled(const GemmArgs& a, int64_t b0, int64_t b1, float* total, __m512* scratch) {
+  const int64_t M = a.M, Kp = a.Kp, G = a.G;
+  for (int64_t b = b0; b < b1; ++b) {
+    std::memset(total, 0, static_cast<size_t>(M * kBlockN) * sizeof(float));
+    const uint8_t* cb = a.codes + b * (Kp / 2) * D::kPairBytes;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
+      if (k1 <= k0) continue;
+      for (int64_t c0 = k0; c0 < k1; c0 += 2 * kChunkF32) {
+        const int64_t np = min64(kChunkF32, (k1 - c0) / 2);
+        const uint8_t* cc = cb + (c0 / 2) * D::kPairBytes;
+        for (int64_t p = 0; p < np; ++p) D::decode(cc + p * D::kPairBytes, scratch + p * 2 * kV);
+        __m512 s[kV];
+        for (int v = 0; v < kV; ++v) s[v] = load_scale_vec(a, b, g, v);
+        fma_rows(scratch, np, a.xt + c0 * M, M, M, total, s, reinterpret_cast<const char*>(cc + np * D::kPairBytes),
+                 D::kPairBytes / 64);
+      }
+      for (int v = 0; v < kV; ++v) {
+        const __m512 szc = _mm512_mul_ps(load_scale_vec(a, b, g, v), load_zc_vec(a, b, g, v, 0.f));
+        for (int64_t m = 0; m < M; ++m) {
+          float* t = total + m * kBlockN + 16 * v;
+          _mm512_storeu_ps(t, _mm512_fnmadd_ps(szc, _mm512_set1_ps(a.xsum[m * G + g]), _mm512_loadu_ps(t)));
+        }
+      }
+    }
+    store_block(a, b, total);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // The small-M driver: blocks [b0, b1), all M rows.
 // ------------------------------------------------------------------------------------------------
 template <class K, int MR, class X>
@@ -656,6 +773,15 @@ bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
     }
     if (a.bits == 8) small_m_bf16_tiled<DecI8>(a, b0, b1, total, scratch);
     else small_m_bf16_tiled<DecI4>(a, b0, b1, total, scratch);
+    std::free(scratch);
+  } else if (!bf16_dot && a.M >= kTiledMinM) {
+    __m512* scratch = static_cast<__m512*>(std::aligned_alloc(64, kChunkF32 * 2 * kV * sizeof(__m512)));
+    if (!scratch) {
+      std::free(total);
+      return false;
+    }
+    if (a.bits == 8) small_m_f32_tiled<DecF32I8>(a, b0, b1, total, scratch);
+    else small_m_f32_tiled<DecF32I4>(a, b0, b1, total, scratch);
     std::free(scratch);
   } else if (a.bits == 8) {
     if (bf16_dot) small_m_entry_bf16<I8Bf16>(a, b0, b1, total);

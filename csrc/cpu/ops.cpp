@@ -244,6 +244,26 @@ float to_f32(T v) {
   return static_cast<float>(v);
 }
 
+// k-major fp32 for the AVX-512 tiled kernels: xt[i * M + m] = x[m, row_map[i]].
+template <class T>
+void gather_f32_t(const T* x, int64_t M, int64_t K, const Packed& p, float* xt, float* xsum) {
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xm = x + m * K;
+    for (int64_t g = 0; g < p.G; ++g) {
+      float s = 0.f;
+      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
+        const int32_t r = rm[i];
+        const float v = r >= 0 ? to_f32(xm[r]) : 0.f;
+        xt[i * M + m] = v;
+        s += v;
+      }
+      xsum[m * p.G + g] = s;
+    }
+  }
+}
+
 template <class T>
 void gather_f32(const T* x, int64_t M, int64_t K, const Packed& p, float* xf, float* xsum) {
   const int32_t* rm = p.row_map.data_ptr<int32_t>();
@@ -355,6 +375,14 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
     xb.resize(static_cast<size_t>(M * p.Kp));
     gather_bf16(x2.data_ptr<at::BFloat16>(), M, p.K, p, xb.data(), xsum.data());
     a.xb = xb.data();
+  } else if (cfg.isa == Isa::Avx512 && M >= kTiledMinM) {
+    xf.resize(static_cast<size_t>(M * p.Kp));
+    switch (x2.scalar_type()) {
+      case at::kFloat: gather_f32_t(x2.data_ptr<float>(), M, p.K, p, xf.data(), xsum.data()); break;
+      case at::kBFloat16: gather_f32_t(x2.data_ptr<at::BFloat16>(), M, p.K, p, xf.data(), xsum.data()); break;
+      default: gather_f32_t(x2.data_ptr<at::Half>(), M, p.K, p, xf.data(), xsum.data()); break;
+    }
+    a.xt = xf.data();
   } else {
     xf.resize(static_cast<size_t>(M * p.Kp));
     switch (x2.scalar_type()) {
