@@ -367,6 +367,11 @@ def test_gemm_equals_x_times_gptqmodel_dequantized_weight(fixture):
         bound = (x.double().abs() @ w_gm.abs()) * (2.0**-10 + 1e-6) + 1e-6
         assert bool(((y - ref).abs() <= bound).all()), \
             f"{fixture.name}:{prefix}: max |y - x@W_gptqmodel| = {float((y - ref).abs().max()):.3g}"
+        # bf16 activations, fused kernel and dequant + GEMM path: within the bf16 bound of the module doc
+        for m in (5, switch_for(torch.bfloat16) + 1):
+            xb = x_for(m, k, torch.bfloat16, seed=k + m)
+            err = rel_err(BACKEND.gemm(xb, packed), xb.double() @ w_gm)
+            assert err <= REL_TOL[torch.bfloat16], f"{fixture.name}:{prefix} bf16 M={m}: {err:.2e}"
         # and the weights themselves: ours (fp32, exact) rounds to GPTQModel's fp16 values
         if expected[f"{prefix}.weight"].dtype == torch.float16:
             assert torch.equal(BACKEND.dequant(packed, torch.float16), expected[f"{prefix}.weight"]), prefix
