@@ -75,6 +75,11 @@ struct GemmArgs {
   const uint16_t* xb = nullptr;  // [M][Kp] activations gathered as bf16 bits (bf16 dot path, M < kTiledMinM)
   const uint32_t* xp = nullptr;  // [Kp/2][M] bf16 (k, k+1) pairs, pair-major (bf16 dot path, M >= kTiledMinM)
   const float* xt = nullptr;     // [Kp][M] fp32, k-major (AVX-512 fp32 path, M >= kTiledMinM)
+  // Opt-in int8 activations (W8A8, 8-bit weights, AVX512-VNNI): x[m, k] ~= xscale[m, g] * xq, xq in
+  // [-127, 127], one scale per row and group; xq4 holds k-quads, quad-major ([Kp/4][M] of 4 x int8),
+  // and xsum then holds the per-group sums of xq (exact integers).
+  const int32_t* xq4 = nullptr;
+  const float* xscale = nullptr;  // [M][G]
   const float* xsum = nullptr;   // [M][G] per-group sums of the gathered activations
   const float* bias = nullptr;   // [N] fp32 or null
   void* out = nullptr;           // [M][ldo] of out_type
@@ -101,6 +106,8 @@ struct DequantArgs {
 // for all M rows; `dequant` writes blocks [b0, b1) of W (padded K order) into out.
 namespace avx512 {
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot);
+// The opt-in W8A8 kernel (GemmArgs::xq4 set, bits == 8, group_ptr multiples of 4). Needs AVX512-VNNI.
+bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1);
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
 // W^T in BF16: block b's column n lands in row (b - b_origin) * 64 + n, padded K along the row.
 // Needs AVX512-BF16.

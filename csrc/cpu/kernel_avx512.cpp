@@ -27,18 +27,20 @@
 #include <immintrin.h>
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), \
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c"))), \
                              apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c")
 // GCC 12 flags the deliberately undefined pass-through operand inside its own AVX-512 intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-// AVX512-BF16 is enabled for the whole unit (GCC refuses to inline a BF16-target micro-kernel into a
-// driver without it), but BF16 instructions come only from the explicit intrinsics in I8Bf16 / I4Bf16:
-// no __bf16 arithmetic here, so the compiler has nothing to lower to them on its own. ops.cpp calls
-// those two only when the CPU reports avx512bf16; an AVX-512 CPU without it runs the fp32 kernels.
+// AVX512-BF16 and -VNNI are enabled for the whole unit (GCC refuses to inline a BF16-target
+// micro-kernel into a driver without it), but their instructions come only from explicit intrinsics
+// (vdpbf16ps / vcvtne2ps2bf16 in the BF16 kernels and dequant_t_bf16, vpdpbusd in the W8A8 kernel):
+// no __bf16 arithmetic and no integer dot-product loops the compiler could lower to them on its own.
+// ops.cpp calls those only when the CPU reports avx512bf16 / avx512vnni; an AVX-512 CPU without them
+// runs the fp32 kernels.
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace gptq_cpu {
@@ -536,6 +538,96 @@ void small_m_f32_tiled(const GemmArgs& a, int64_t b0, int64_t b1, float* total, 
 }
 
 // ------------------------------------------------------------------------------------------------
+// Opt-in W8A8 (int8 weights x int8 activations, AVX512-VNNI). vpdpbusd multiplies 4 unsigned bytes by
+// 4 signed bytes per lane into an int32: 64 MACs per instruction, twice vdpbf16ps. The codes are
+// already unsigned bytes; two consecutive k-pair rows ([column][k, k+1] and [column][k+2, k+3]) become
+// the per-column k-quads VNNI wants with one word interleave (vpermt2w) per 64 weights. Per group:
+//   y += s[g, n] * xscale[m, g] * ( sum_k q[k, n] * xq[m, k]  -  z[g, n] * sum_k xq[m, k] )
+// in exact int32 until the group's end (|sum| <= K * 255 * 127 fits easily), then fp32. The only
+// approximation is xq = round(x / xscale): off by default, see docs/cpu-kernel.md.
+// ------------------------------------------------------------------------------------------------
+template <int MR>
+ALWAYS_INLINE void vnni_tile(const uint8_t* cp, int64_t nquads, const int32_t* xq, int64_t ldq, int64_t g, int64_t G,
+                             const float* xsum, const float* xscale, const __m512* s, const __m512* z, float* total,
+                             const char* pf) {
+  const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                              38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  // int32 accumulators held as __m512 and bit-cast: GCC 12 keeps an array of __m512 in registers but
+  // spilled an __m512i array around every vpdpbusd.
+  __m512 acc[MR][kV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < nquads; ++q) {
+    const uint8_t* c0 = cp + 2 * q * 2 * kBlockN;
+    const uint8_t* c1 = c0 + 2 * kBlockN;
+    if (pf) {
+      for (int l = 0; l < 4; ++l) _mm_prefetch(pf + (q * 4 + l) * 64, _MM_HINT_T0);
+    }
+    __m512i w[kV];
+    for (int v = 0; v < kV; ++v) {
+      const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + 32 * v)));
+      const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + 32 * v)));
+      w[v] = _mm512_permutex2var_epi16(a, interleave, b);  // dword i = q(k..k+3) of column 16v + i
+    }
+    const int32_t* xr = xq + q * ldq;
+    for (int r = 0; r < MR; ++r) {
+      const __m512i xb = _mm512_set1_epi32(xr[r]);
+      for (int v = 0; v < kV; ++v)
+        acc[r][v] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc[r][v]), w[v], xb));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
+    const __m512 sx = _mm512_set1_ps(xscale[r * G + g]);
+    float* t = total + r * kBlockN;
+    for (int v = 0; v < kV; ++v) {
+      const __m512 d = _mm512_fnmadd_ps(z[v], xs, _mm512_cvtepi32_ps(_mm512_castps_si512(acc[r][v])));
+      _mm512_storeu_ps(t + 16 * v, _mm512_fmadd_ps(_mm512_mul_ps(s[v], sx), d, _mm512_loadu_ps(t + 16 * v)));
+    }
+  }
+}
+
+void small_m_w8a8_impl(const GemmArgs& a, int64_t b0, int64_t b1, float* total) {
+  const int64_t M = a.M, Kp = a.Kp, G = a.G;
+  // At most 4 rows x 64 columns (16 accumulators): with the 24 of the other kernels, GCC 12's register
+  // allocator copies every tied vpdpbusd accumulator through the stack (measured: 194 vs 278 GFLOP/s
+  // per core at M = 16).
+  constexpr int64_t kMaxMR = 4;
+  const int64_t ntiles = (M + kMaxMR - 1) / kMaxMR;
+  const int64_t base = M / ntiles, extra = M % ntiles;
+  for (int64_t b = b0; b < b1; ++b) {
+    std::memset(total, 0, static_cast<size_t>(M * kBlockN) * sizeof(float));
+    const uint8_t* cb = a.codes + b * (Kp / 2) * 2 * kBlockN;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
+      if (k1 <= k0) continue;
+      __m512 s[kV], z[kV];
+      load_group_terms(a, b, g, 0.f, s, z);
+      const uint8_t* cg = cb + (k0 / 2) * 2 * kBlockN;
+      const char* pf = reinterpret_cast<const char*>(cb + (k1 / 2) * 2 * kBlockN);
+      int64_t m0 = 0;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t mr = base + (t < extra ? 1 : 0);
+        const int32_t* xq = a.xq4 + (k0 / 4) * M + m0;
+        const float* xs = a.xsum + m0 * G;
+        const float* sx = a.xscale + m0 * G;
+        float* tr = total + m0 * kBlockN;
+        const int64_t nq = (k1 - k0) / 4;
+        switch (mr) {
+          case 4: vnni_tile<4>(cg, nq, xq, M, g, G, xs, sx, s, z, tr, pf); break;
+          case 3: vnni_tile<3>(cg, nq, xq, M, g, G, xs, sx, s, z, tr, pf); break;
+          case 2: vnni_tile<2>(cg, nq, xq, M, g, G, xs, sx, s, z, tr, pf); break;
+          default: vnni_tile<1>(cg, nq, xq, M, g, G, xs, sx, s, z, tr, pf); break;
+        }
+        m0 += mr;
+        pf = nullptr;
+      }
+    }
+    store_block(a, b, total);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // The small-M driver: blocks [b0, b1), all M rows.
 // ------------------------------------------------------------------------------------------------
 template <class K, int MR, class X>
@@ -794,6 +886,14 @@ bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
   return true;
 }
 
+bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
+  float* total = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(((a.M * kBlockN * 4 + 63) / 64) * 64)));
+  if (!total) return false;
+  small_m_w8a8_impl(a, b0, b1, total);
+  std::free(total);
+  return true;
+}
+
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
   dequant_impl(a, b0, b1);
   return true;
@@ -822,6 +922,7 @@ bool avx512_compiled() { return true; }
 namespace gptq_cpu {
 namespace avx512 {
 bool small_m(const GemmArgs&, int64_t, int64_t, bool) { return false; }
+bool small_m_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 bool dequant_t_bf16(const DequantArgs&, int64_t, int64_t) { return false; }
 }  // namespace avx512

@@ -19,7 +19,7 @@ name           dtype / shape                              meaning
 ``group_ptr``  int32 ``[G' + 1]``                         padded row where each stored group starts
 =============  =========================================  ==================================================
 
-``Kp`` is K after the act-order permutation and padding each group to an even number of rows; ``G'``
+``Kp`` is K after the act-order permutation and padding each group to a multiple of 4 rows; ``G'``
 counts the groups that own at least one row. ``gemm`` takes ``x`` in checkpoint order: the kernel
 gathers it through ``row_map`` while converting it, so ``PackedWeight.perm`` stays None.
 
@@ -109,9 +109,10 @@ class CPUBackend(Backend):
         order = perm if perm is not None else torch.arange(k)
         sorted_groups = g_idx[order]
 
-        # Stored groups: the runs of equal group id in kernel order, each padded to an even row count.
+        # Stored groups: the runs of equal group id in kernel order, each padded to a multiple of 4 rows
+        # (the kernels need (k, k+1) pairs; the opt-in int8-activation path needs k-quads).
         ids, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
-        padded = counts + (counts & 1)
+        padded = (counts + 3) // 4 * 4
         group_ptr = torch.zeros(len(ids) + 1, dtype=torch.int64)
         group_ptr[1:] = torch.cumsum(padded, 0)
         kp = int(group_ptr[-1])
@@ -176,16 +177,20 @@ class CPUBackend(Backend):
                                                  packed.out_features, dtype)
 
 
-def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32: int | None = None) -> str:
-    """Read (and optionally set) the kernel's ISA ("auto", "avx512", "avx2", "generic") and the largest M
+def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32: int | None = None,
+                  w8a8: bool | None = None) -> str:
+    """Read (and optionally set) the kernel's ISA ("auto", "avx512", "avx2", "generic"), the largest M
     the fused path takes (``small_m_max`` for both paths; ``small_m_max_f32`` then overrides the one for
-    fp32/fp16 activations). Returns e.g. ``isa=avx512 bf16_dot=1 small_m_max_bf16=32 small_m_max_f32=16
-    threads=2``. Environment: ``GPTQ_ASCEND_CPU_ISA``, ``GPTQ_ASCEND_CPU_SMALL_M_MAX``.
+    fp32/fp16 activations) and the opt-in int8-activation mode for 8-bit layers (``w8a8``; changes the
+    numerics, see docs/cpu-kernel.md). Returns e.g. ``isa=avx512 bf16_dot=1 small_m_max_bf16=192
+    small_m_max_f32=256 w8a8=0 threads=2``. Environment: ``GPTQ_ASCEND_CPU_ISA``,
+    ``GPTQ_ASCEND_CPU_SMALL_M_MAX``, ``GPTQ_ASCEND_CPU_W8A8``.
     """
     if _IMPORT_ERROR is not None:
         raise BackendError(CPUBackend().available()[1])
     return torch.ops.gptq_ascend.cpu_kernel_config(isa, -1 if small_m_max is None else small_m_max,
-                                                   -1 if small_m_max_f32 is None else small_m_max_f32)
+                                                   -1 if small_m_max_f32 is None else small_m_max_f32,
+                                                   -1 if w8a8 is None else int(w8a8))
 
 
 def kernel_settings() -> dict[str, str]:
