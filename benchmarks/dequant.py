@@ -12,6 +12,8 @@ Per layer shape, bit width and M, in one run:
                ``ops.onednn_mm``: what vLLM really runs for a BF16 linear on CPU);
 * ``wna16``    (4-bit) vLLM's own GPTQ CPU kernel ``cpu_gemm_wna16`` on the same weights, repacked the
                way ``CPUWNA16LinearKernel._process_gptq_weights_w4a16`` does;
+* ``w8a8``     (8-bit, M >= 5) our op with the opt-in int8-activation mode (GPTQ_ASCEND_CPU_W8A8=1):
+               x rounded to int8 per row and group, AVX512-VNNI; not the default (changes numerics);
 * ``ref``      the pure-torch reference backend (``format.dequantize`` + matmul), for scale;
 * ``floor``    the memory floor: bytes of the GPTQ layer (qweight + scales + qzeros) / the read
                bandwidth measured in this run (streaming ``sum`` over a 1 GiB buffer, median).
@@ -155,6 +157,28 @@ def wna16_repack(t, spec):
     return weight
 
 
+W8A8_MIN_M = 5  # the opt-in int8-activation kernel runs from this M (kTiledMinM in csrc/cpu/kernel.h)
+
+
+class w8a8_mode:
+    """Switch the CPU kernel's opt-in int8-activation mode on for a block (no-op when off)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            from gptq_ascend.backends.cpu import kernel_config
+
+            kernel_config(w8a8=True)
+
+    def __exit__(self, *exc):
+        if self.on:
+            from gptq_ascend.backends.cpu import kernel_config
+
+            kernel_config(w8a8=False)
+
+
 @dataclass
 class Point:
     shape: str
@@ -193,6 +217,9 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, bw_gbs, rotate_bytes) -> l
         "ours": (len(ours), lambda x: lambda i: backend.gemm(x, ours[i])),
         "linear": (len(dense), lambda x: lambda i: F.linear(x.to(torch.bfloat16), dense[i])),
     }
+    w8a8 = dev.type == "cpu" and bits == 8 and backend.name == "cpu" and not args.no_w8a8
+    if w8a8:  # the opt-in int8-activation mode: same op, timed with the mode switched on
+        methods["w8a8"] = methods["ours"]
     if dev.type == "cpu" and not args.no_vllm:
         try:
             from vllm import _custom_ops as vops
@@ -215,11 +242,12 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, bw_gbs, rotate_bytes) -> l
 
     # Same weights, same product: every method against ours on one input, before timing anything.
     agree = {}
-    x = torch.randn(4, k, dtype=torch.float32).to(act).to(dev)
+    x = torch.randn(16, k, dtype=torch.float32).to(act).to(dev)
     y_ours = methods["ours"][1](x)(0).float().cpu()
     for name, (_, make) in methods.items():
         if name != "ours":
-            y = make(x)(0).float().cpu()
+            with w8a8_mode(name == "w8a8"):
+                y = make(x)(0).float().cpu()
             agree[name] = float((y - y_ours).norm() / y_ours.norm())
             if agree[name] > 2e-2:
                 print(f"  WARNING: {name} differs from ours by {agree[name]:.2e} (relative) on {label} int{bits}",
@@ -230,11 +258,12 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, bw_gbs, rotate_bytes) -> l
         x = torch.randn(m, k, dtype=torch.float32).to(act).to(dev)
         p = Point(label, k, n, bits, m, floor_ms=floor_ms, gptq_mib=nbytes / MIB, agreement=agree)
         for name, (copies, make) in methods.items():
-            if name == "ref" and m > args.ref_max_m:
+            if (name == "ref" and m > args.ref_max_m) or (name == "w8a8" and m < W8A8_MIN_M):
                 continue
             repeats = args.repeats if name != "ref" else 2
             budget = args.budget if name != "ref" else args.budget / 4
-            sec, calls = time_rotating(make(x), copies, sync, repeats, budget)
+            with w8a8_mode(name == "w8a8"):
+                sec, calls = time_rotating(make(x), copies, sync, repeats, budget)
             p.ms[name] = sec * 1e3
             p.calls[name] = calls
         points.append(p)
@@ -246,7 +275,7 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, bw_gbs, rotate_bytes) -> l
 # Output
 # ------------------------------------------------------------------------------------------------
 
-COLUMNS = ("ours", "linear", "onednn", "wna16", "ref")
+COLUMNS = ("ours", "w8a8", "linear", "onednn", "wna16", "ref")
 
 
 def dense_best(p: Point) -> float | None:
@@ -257,7 +286,7 @@ def dense_best(p: Point) -> float | None:
 def format_header() -> str:
     head = f"{'shape':<8}{'K':>6}{'N':>7}{'bits':>5}{'M':>6} |"
     head += "".join(f"{c + ' ms':>11}" for c in COLUMNS)
-    head += f"{'floor ms':>10} |{'x linear':>9}{'x onednn':>9}{'x wna16':>9}{'floor/ours':>11}"
+    head += f"{'floor ms':>10} |{'x linear':>9}{'x onednn':>9}{'x wna16':>9}{'floor/ours':>11}{'w8a8 x':>8}"
     return head
 
 
@@ -273,6 +302,8 @@ def format_row(p: Point) -> str:
     row += cell(p.ms["onednn"] / ours if "onednn" in p.ms else None, 9, "{:.2f}")
     row += cell(p.ms["wna16"] / ours if "wna16" in p.ms else None, 9, "{:.2f}")
     row += cell(100 * p.floor_ms / ours, 10, "{:.0f}") + "%"
+    d = dense_best(p)
+    row += cell(d / p.ms["w8a8"] if "w8a8" in p.ms and d else None, 8, "{:.2f}")
     return row
 
 
@@ -293,6 +324,9 @@ def targets(points: list[Point]) -> list[str]:
             check(f"int8 M=1 {p.shape} <= 1.3x floor", ours <= 1.3 * p.floor_ms, f"{ours / p.floor_ms:.2f}x floor")
         if p.bits == 8 and p.m == 16:
             check(f"int8 M=16 {p.shape} >= 2x dense", d / ours >= 2.0, f"{d / ours:.2f}x")
+            if "w8a8" in p.ms:
+                check(f"int8 M=16 {p.shape} >= 2x dense, opt-in W8A8", d / p.ms["w8a8"] >= 2.0,
+                      f"{d / p.ms['w8a8']:.2f}x")
         if p.m >= 256:
             check(f"int{p.bits} M={p.m} {p.shape} <= 1.1x dense", ours <= 1.1 * d, f"{ours / d:.2f}x dense time")
         if p.bits == 4 and p.m == 1 and "wna16" in p.ms:
@@ -376,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-max-m", type=int, default=16, help="largest M the slow reference is timed at")
     ap.add_argument("--no-ref", action="store_true", help="skip the pure-torch reference")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's oneDNN and cpu_gemm_wna16")
+    ap.add_argument("--no-w8a8", action="store_true", help="skip the opt-in int8-activation mode column")
     ap.add_argument("--small-m-max", type=int, default=-1, help="override the kernel's fused/GEMM switch-over")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", dest="json_path", help="write every figure to this file")
