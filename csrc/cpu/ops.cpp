@@ -247,128 +247,115 @@ void parallel_blocks(int64_t nblk, const F& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Small M: gather x through row_map (fp32, or raw bf16 bits for the dot path) and the per-group sums,
-// then the fused kernel.
+// Small M: gather x through row_map into the layout the kernel reads, with the per-group sums.
+// One routine per row, rows in parallel: this is M*K work done before the kernel starts, 15% of a
+// W8A8 call at M = 16 when it was serial. Each row is first materialized as fp32 (exact for all three
+// input dtypes), then written out in the kernel's layout:
+//   xf  [M][Kp] fp32 (direct fp32 kernels)      xt  [Kp][M] fp32 (tiled fp32 kernels)
+//   xb  [M][Kp] bf16 bits (direct BF16 kernels)  xp  [Kp/2][M] bf16 pairs (tiled BF16 kernels)
+//   xq4 [Kp/4][M] int8 quads + xscale (opt-in W8A8)
 // ---------------------------------------------------------------------------------------------------
+enum class XLayout { F32Rows, F32KMajor, Bf16Rows, Bf16Pairs, Int8Quads };
+
 template <class T>
 float to_f32(T v) {
   return static_cast<float>(v);
 }
 
-// k-major fp32 for the AVX-512 tiled kernels: xt[i * M + m] = x[m, row_map[i]].
-template <class T>
-void gather_f32_t(const T* x, int64_t M, int64_t K, const Packed& p, float* xt, float* xsum) {
-  const int32_t* rm = p.row_map.data_ptr<int32_t>();
-  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    const T* xm = x + m * K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      float s = 0.f;
-      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
-        const int32_t r = rm[i];
-        const float v = r >= 0 ? to_f32(xm[r]) : 0.f;
-        xt[i * M + m] = v;
-        s += v;
-      }
-      xsum[m * p.G + g] = s;
-    }
-  }
+uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Round to nearest even for |v| < 2**22 without SSE4.1 (vectorizes at the baseline ISA).
+inline float round_even(float v) {
+  const float magic = 12582912.f;  // 1.5 * 2**23
+  return (v + magic) - magic;
 }
 
 template <class T>
-void gather_f32(const T* x, int64_t M, int64_t K, const Packed& p, float* xf, float* xsum) {
-  const int32_t* rm = p.row_map.data_ptr<int32_t>();
-  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    const T* xm = x + m * K;
-    float* dst = xf + m * p.Kp;
-    for (int64_t g = 0; g < p.G; ++g) {
-      float s = 0.f;
-      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
-        const int32_t r = rm[i];
-        const float v = r >= 0 ? to_f32(xm[r]) : 0.f;
-        dst[i] = v;
-        s += v;
-      }
-      xsum[m * p.G + g] = s;
-    }
+void row_to_f32(const T* xm, const Packed& p, bool identity, float* v) {
+  if (identity) {
+    for (int64_t i = 0; i < p.Kp; ++i) v[i] = to_f32(xm[i]);
+  } else {
+    const int32_t* rm = p.row_map.data_ptr<int32_t>();
+    for (int64_t i = 0; i < p.Kp; ++i) v[i] = rm[i] >= 0 ? to_f32(xm[rm[i]]) : 0.f;
   }
 }
 
-// Opt-in W8A8: per row and group, xscale = max|x| / 127 and xq = round(x / xscale) in [-127, 127],
-// stored as k-quads, quad-major (xq4[(i / 4) * M + m] = 4 x int8); xsum = sum of xq (exact).
+struct XBuffers {
+  std::vector<float> f32, xsum, xscale;
+  std::vector<uint16_t> b16;
+  std::vector<uint32_t> u32;
+};
+
 template <class T>
-void gather_w8a8(const T* x, int64_t M, int64_t K, const Packed& p, int32_t* xq4, float* xscale, float* xsum) {
-  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+void gather_x(const T* x, int64_t M, const Packed& p, XLayout layout, XBuffers& out) {
   const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
-  std::vector<float> v(static_cast<size_t>(p.Kp));
-  for (int64_t m = 0; m < M; ++m) {
-    const T* xm = x + m * K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      float amax = 0.f;
-      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
-        const int32_t r = rm[i];
-        v[i] = r >= 0 ? to_f32(xm[r]) : 0.f;
-        amax = std::max(amax, std::abs(v[i]));
-      }
-      const float scale = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t s = 0;
-      for (int64_t i = gp[g]; i < gp[g + 1]; i += 4) {
-        uint32_t word = 0;
-        for (int j = 0; j < 4; ++j) {
-          const int32_t q = std::max(-127, std::min(127, static_cast<int32_t>(std::nearbyint(v[i + j] * inv))));
-          s += q;
-          word |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(q))) << (8 * j);
-        }
-        xq4[(i / 4) * M + m] = static_cast<int32_t>(word);
-      }
-      xscale[m * p.G + g] = scale;
-      xsum[m * p.G + g] = static_cast<float>(s);
-    }
+  const int32_t* rm = p.row_map.data_ptr<int32_t>();
+  bool identity = p.Kp == p.K;
+  for (int64_t i = 0; identity && i < p.Kp; ++i) identity = rm[i] == i;
+  const int64_t Kp = p.Kp, G = p.G, K = p.K;
+  out.xsum.resize(static_cast<size_t>(M * G));
+  switch (layout) {
+    case XLayout::F32Rows:
+    case XLayout::F32KMajor: out.f32.resize(static_cast<size_t>(M * Kp)); break;
+    case XLayout::Bf16Rows: out.b16.resize(static_cast<size_t>(M * Kp)); break;
+    case XLayout::Bf16Pairs: out.u32.resize(static_cast<size_t>(M * Kp / 2)); break;
+    case XLayout::Int8Quads:
+      out.u32.resize(static_cast<size_t>(M * Kp / 4));
+      out.xscale.resize(static_cast<size_t>(M * G));
+      break;
   }
-}
-
-// Pair-major bf16 for the tiled kernel: xp[(i / 2) * M + m] = (x[m, i], x[m, i + 1]).
-void gather_bf16_pairs(const at::BFloat16* x, int64_t M, int64_t K, const Packed& p, uint32_t* xp, float* xsum) {
-  const int32_t* rm = p.row_map.data_ptr<int32_t>();
-  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    const at::BFloat16* xm = x + m * K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      float s = 0.f;
-      for (int64_t i = gp[g]; i < gp[g + 1]; i += 2) {
-        const int32_t r0 = rm[i], r1 = rm[i + 1];
-        const uint16_t lo = r0 >= 0 ? xm[r0].x : 0, hi = r1 >= 0 ? xm[r1].x : 0;
-        if (r0 >= 0) s += static_cast<float>(xm[r0]);
-        if (r1 >= 0) s += static_cast<float>(xm[r1]);
-        xp[(i / 2) * M + m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-      }
-      xsum[m * p.G + g] = s;
-    }
-  }
-}
-
-void gather_bf16(const at::BFloat16* x, int64_t M, int64_t K, const Packed& p, uint16_t* xb, float* xsum) {
-  const int32_t* rm = p.row_map.data_ptr<int32_t>();
-  const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    const at::BFloat16* xm = x + m * K;
-    uint16_t* dst = xb + m * p.Kp;
-    for (int64_t g = 0; g < p.G; ++g) {
-      float s = 0.f;
-      for (int64_t i = gp[g]; i < gp[g + 1]; ++i) {
-        const int32_t r = rm[i];
-        if (r >= 0) {
-          dst[i] = xm[r].x;
-          s += static_cast<float>(xm[r]);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> row(static_cast<size_t>(Kp));
+    float* v = row.data();
+    for (int64_t m = m0; m < m1; ++m) {
+      row_to_f32(x + m * K, p, identity, v);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t i0 = gp[g], i1 = gp[g + 1];
+        if (layout == XLayout::Int8Quads) {
+          float amax = 0.f;
+          for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(v[i]));
+          const float inv = amax > 0.f ? 127.f / amax : 0.f;
+          float qs = 0.f;
+          for (int64_t i = i0; i < i1; ++i) {  // |v * inv| <= 127: clamping only guards rounding
+            v[i] = std::min(127.f, std::max(-127.f, round_even(v[i] * inv)));
+            qs += v[i];
+          }
+          out.xscale[m * G + g] = amax / 127.f;
+          out.xsum[m * G + g] = qs;  // exact: integers
         } else {
-          dst[i] = 0;
+          float s = 0.f;
+          for (int64_t i = i0; i < i1; ++i) s += v[i];
+          out.xsum[m * G + g] = s;
         }
       }
-      xsum[m * p.G + g] = s;
+      switch (layout) {
+        case XLayout::F32Rows: std::memcpy(out.f32.data() + m * Kp, v, static_cast<size_t>(Kp) * 4); break;
+        case XLayout::F32KMajor:
+          for (int64_t i = 0; i < Kp; ++i) out.f32[i * M + m] = v[i];
+          break;
+        case XLayout::Bf16Rows:  // v holds bf16 values exactly: the top half of their fp32 bits
+          for (int64_t i = 0; i < Kp; ++i) out.b16[m * Kp + i] = static_cast<uint16_t>(f32_bits(v[i]) >> 16);
+          break;
+        case XLayout::Bf16Pairs:
+          for (int64_t i = 0; i < Kp; i += 2)
+            out.u32[(i / 2) * M + m] = (f32_bits(v[i]) >> 16) | (f32_bits(v[i + 1]) & 0xffff0000u);
+          break;
+        case XLayout::Int8Quads:
+          for (int64_t i = 0; i < Kp; i += 4) {
+            uint32_t word = 0;
+            for (int j = 0; j < 4; ++j)
+              word |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(static_cast<int32_t>(v[i + j]))))
+                      << (8 * j);
+            out.u32[(i / 4) * M + m] = word;
+          }
+          break;
+      }
     }
-  }
+  });
 }
 
 GemmArgs base_args(const Packed& p) {
@@ -408,52 +395,30 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
   GemmArgs a = base_args(p);
   a.M = M;
-  std::vector<float> xsum(static_cast<size_t>(M * p.G));
-  std::vector<float> xf, xscale;
-  std::vector<uint16_t> xb;
-  std::vector<uint32_t> xp;
-  std::vector<int32_t> xq4;
   bool quads = true;
   for (int64_t g = 0; g <= p.G && quads; ++g) quads = p.group_ptr.data_ptr<int32_t>()[g] % 4 == 0;
   const bool w8a8 = cfg.w8a8 && cfg.vnni && p.bits == 8 && M >= kTiledMinM && quads;
-  if (w8a8) {
-    xq4.resize(static_cast<size_t>(M * p.Kp / 4));
-    xscale.resize(static_cast<size_t>(M * p.G));
-    switch (x2.scalar_type()) {
-      case at::kFloat: gather_w8a8(x2.data_ptr<float>(), M, p.K, p, xq4.data(), xscale.data(), xsum.data()); break;
-      case at::kBFloat16:
-        gather_w8a8(x2.data_ptr<at::BFloat16>(), M, p.K, p, xq4.data(), xscale.data(), xsum.data());
-        break;
-      default: gather_w8a8(x2.data_ptr<at::Half>(), M, p.K, p, xq4.data(), xscale.data(), xsum.data()); break;
-    }
-    a.xq4 = xq4.data();
-    a.xscale = xscale.data();
-  } else if (dot && M >= kTiledMinM) {
-    xp.resize(static_cast<size_t>(M * p.Kp / 2));
-    gather_bf16_pairs(x2.data_ptr<at::BFloat16>(), M, p.K, p, xp.data(), xsum.data());
-    a.xp = xp.data();
-  } else if (dot) {
-    xb.resize(static_cast<size_t>(M * p.Kp));
-    gather_bf16(x2.data_ptr<at::BFloat16>(), M, p.K, p, xb.data(), xsum.data());
-    a.xb = xb.data();
-  } else if (cfg.isa == Isa::Avx512 && M >= kTiledMinM) {
-    xf.resize(static_cast<size_t>(M * p.Kp));
-    switch (x2.scalar_type()) {
-      case at::kFloat: gather_f32_t(x2.data_ptr<float>(), M, p.K, p, xf.data(), xsum.data()); break;
-      case at::kBFloat16: gather_f32_t(x2.data_ptr<at::BFloat16>(), M, p.K, p, xf.data(), xsum.data()); break;
-      default: gather_f32_t(x2.data_ptr<at::Half>(), M, p.K, p, xf.data(), xsum.data()); break;
-    }
-    a.xt = xf.data();
-  } else {
-    xf.resize(static_cast<size_t>(M * p.Kp));
-    switch (x2.scalar_type()) {
-      case at::kFloat: gather_f32(x2.data_ptr<float>(), M, p.K, p, xf.data(), xsum.data()); break;
-      case at::kBFloat16: gather_f32(x2.data_ptr<at::BFloat16>(), M, p.K, p, xf.data(), xsum.data()); break;
-      default: gather_f32(x2.data_ptr<at::Half>(), M, p.K, p, xf.data(), xsum.data()); break;
-    }
-    a.xf = xf.data();
+  const bool tiled = cfg.isa == Isa::Avx512 && M >= kTiledMinM;
+  const XLayout layout = w8a8 ? XLayout::Int8Quads
+                         : dot ? (tiled ? XLayout::Bf16Pairs : XLayout::Bf16Rows)
+                               : (tiled ? XLayout::F32KMajor : XLayout::F32Rows);
+  XBuffers xbuf;
+  switch (x2.scalar_type()) {
+    case at::kFloat: gather_x(x2.data_ptr<float>(), M, p, layout, xbuf); break;
+    case at::kBFloat16: gather_x(x2.data_ptr<at::BFloat16>(), M, p, layout, xbuf); break;
+    default: gather_x(x2.data_ptr<at::Half>(), M, p, layout, xbuf); break;
   }
-  a.xsum = xsum.data();
+  switch (layout) {
+    case XLayout::F32Rows: a.xf = xbuf.f32.data(); break;
+    case XLayout::F32KMajor: a.xt = xbuf.f32.data(); break;
+    case XLayout::Bf16Rows: a.xb = xbuf.b16.data(); break;
+    case XLayout::Bf16Pairs: a.xp = xbuf.u32.data(); break;
+    case XLayout::Int8Quads:
+      a.xq4 = reinterpret_cast<const int32_t*>(xbuf.u32.data());
+      a.xscale = xbuf.xscale.data();
+      break;
+  }
+  a.xsum = xbuf.xsum.data();
   at::Tensor bias32;
   if (bias.has_value()) {
     bias32 = bias->to(at::kFloat).contiguous();
