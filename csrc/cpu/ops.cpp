@@ -485,11 +485,18 @@ void dequant_blocks_t_bf16(const Packed& p, int64_t b0, int64_t b1, at::Tensor& 
 }
 
 // Large M: dequantize column tiles into a reused buffer and hand each to ATen's GEMM (oneDNN/MKL).
-// Tiles of ~kTileBytes keep the freshly written weights in L2/L3 while the GEMM reads them (measured
-// 256 KiB .. 4 MiB: the same within noise; the dequant is bound by writing the tile, ~0.2 ns/weight,
-// ~9% of the GEMM at M = 256, ~2% at M = 1024). With
-// AVX512-BF16 and bf16 activations the tile is written transposed ([N, K], like nn.Linear's weight),
-// the layout oneDNN is fastest with.
+// With AVX512-BF16 and bf16 activations the tile is written transposed ([N, K], like nn.Linear's
+// weight), the layout oneDNN is fastest with. Tiles are ~8 MiB and at least 512 columns wide: narrower
+// ones (1 MiB = one 64-column block at K = 6144) made 2-thread oneDNN GEMMs inefficient (1.3x dense
+// at M = 256); wider ones stop fitting the L3 next to x. The buffer is kept per thread between calls.
+at::Tensor& tile_buffer(int64_t rows, int64_t cols, at::ScalarType ct) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.scalar_type() != ct || buf.numel() < rows * cols) {
+    buf = at::empty({rows * cols}, at::TensorOptions().dtype(ct));
+  }
+  return buf;
+}
+
 void run_large_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
                  at::Tensor& out2) {
   // bf16 activations multiply bf16 weights (what dense BF16 runs); fp32 and fp16 use an fp32 GEMM
@@ -497,14 +504,16 @@ void run_large_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   const at::ScalarType ct = x2.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   const bool transposed = ct == at::kBFloat16 && cfg.isa == Isa::Avx512 && cfg.bf16_dot;
   const int64_t elt = ct == at::kBFloat16 ? 2 : 4;
-  constexpr int64_t kTileBytes = 1 << 20;
-  const int64_t tile_blocks = std::max<int64_t>(1, std::min<int64_t>(p.nblk, kTileBytes / (p.Kp * kBlockN * elt)));
+  constexpr int64_t kTileBytes = 8 << 20, kMinTileCols = 512;
+  const int64_t tile_blocks = std::min<int64_t>(
+      p.nblk, std::max<int64_t>(kMinTileCols / kBlockN, kTileBytes / (p.Kp * kBlockN * elt)));
   at::Tensor xg = gather_rows(x2, p, ct);
   // Rows of the transposed tile are padded by one cache line: with Kp = 2048 they would be exactly 4 KiB
   // apart, and the 16 row stores of each 16x16 transpose would all land in one L1 set.
+  const int64_t tcols = tile_blocks * kBlockN;
   at::Tensor wbuf = transposed
-      ? at::empty({tile_blocks * kBlockN, p.Kp + 32}, x2.options().dtype(ct)).narrow(1, 0, p.Kp)
-      : at::empty({p.Kp, tile_blocks * kBlockN}, x2.options().dtype(ct));
+      ? tile_buffer(tcols, p.Kp + 32, ct).narrow(0, 0, tcols * (p.Kp + 32)).view({tcols, p.Kp + 32}).narrow(1, 0, p.Kp)
+      : tile_buffer(p.Kp, tcols, ct).narrow(0, 0, p.Kp * tcols).view({p.Kp, tcols});
   c10::optional<at::Tensor> bias_c;
   if (bias.has_value()) bias_c = bias->to(ct);
   const bool direct = out2.scalar_type() == ct;
