@@ -216,11 +216,14 @@ FIXTURES = {
     # lm_head=True alone makes GPTQModel inject dynamic={"lm_head": {bits 8, group 32, sym, mse 2.4}}
     # (looper/module_looper.py), i.e. an 8-bit lm_head. To get the 4-bit lm_head asked for, the
     # override is passed explicitly; "-lmhead8" keeps GPTQModel's default (mixed bits via dynamic).
-    "llama-int4-g32-lmhead": ("base-llama", dict(bits=4, group_size=32, sym=True, desc_act=False, format="gptq", lm_head=True,
-                                                 dynamic={"lm_head": {"bits": 4, "group_size": 32, "sym": True, "desc_act": False}})),
-    "llama-int4-g32-lmhead8": ("base-llama", dict(bits=4, group_size=32, sym=True, desc_act=False, format="gptq", lm_head=True)),
+    "llama-int4-g32-lmhead": ("base-llama", dict(
+        bits=4, group_size=32, sym=True, desc_act=False, format="gptq", lm_head=True,
+        dynamic={"lm_head": {"bits": 4, "group_size": 32, "sym": True, "desc_act": False}})),
+    "llama-int4-g32-lmhead8": ("base-llama", dict(
+        bits=4, group_size=32, sym=True, desc_act=False, format="gptq", lm_head=True)),
     "qwen3-int4-g128-sym": ("base-qwen3", dict(bits=4, group_size=128, sym=True, desc_act=False, format="gptq")),
-    "llama-int4-g128-short": ("base-llama-short", dict(bits=4, group_size=128, sym=True, desc_act=False, format="gptq")),
+    "llama-int4-g128-short": ("base-llama-short", dict(
+        bits=4, group_size=128, sym=True, desc_act=False, format="gptq")),
 }
 
 # Files GPTQModel writes that we keep (anything else is dropped).
@@ -605,7 +608,7 @@ def write_expected(name, base_dir, fx_dir, qkw, prompts, prompt_ids, versions, e
         q_out = hf(input_ids=ids, attention_mask=torch.ones_like(ids))
         logits = q_out.logits.float().contiguous()
         model_dtype = str(next(hf.parameters()).dtype)
-        scales_dtype = str(getattr(next(m for m in hf.modules() if hasattr(m, "scales")), "scales").dtype)
+        scales_dtype = str(next(m for m in hf.modules() if hasattr(m, "scales")).scales.dtype)
     del qmodel, hf
     base = load_base_fp32(base_dir)
     with torch.no_grad():
@@ -653,7 +656,8 @@ def write_expected(name, base_dir, fx_dir, qkw, prompts, prompt_ids, versions, e
                            "computed_by": f"GPTQModel.load(dir, backend=BACKEND.TORCH, device='cpu').model forward, "
                                           f"model dtype {model_dtype}, scales dtype {scales_dtype}, cast to float32"},
                 "base_logits": {"dtype": str(base_logits.dtype), "shape": list(base_logits.shape),
-                                "computed_by": "transformers AutoModelForCausalLM on the float16 base, upcast to float32"},
+                                "computed_by": "transformers AutoModelForCausalLM on the float16 base, "
+                                               "upcast to float32"},
             },
         },
         "prompts": {**prompts, "length": PROMPT_LEN,
