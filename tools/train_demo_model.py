@@ -26,7 +26,7 @@ What it does
    headings ("What is <heading>?" -> the first paragraphs of that section, ending in
    ``<|im_end|>``), so that /v1/chat/completions gets an on-topic answer. Random windows of
    ``--seq`` tokens are drawn from the concatenation (seeded).
-4. Model: Qwen3ForCausalLM, hidden 256, 6 layers, 4 query heads / 2 KV heads of head_dim 64
+4. Model: Qwen3ForCausalLM, hidden 256, 4 layers, 4 query heads / 2 KV heads of head_dim 64
    (TP=2 divides both), intermediate 768, tied embeddings (as Qwen3-1.7B), max positions 1024.
    Every linear layer's input dim (256, 768) is a multiple of 128, the GPTQ group size.
 5. AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay to 10%, grad
