@@ -24,7 +24,7 @@ What it does
 3. Training data: the training topics as one token stream (sorted keys, each topic followed
    by ``<|endoftext|>``), plus ChatML conversations built from the documentation's own section
    headings ("What is <heading>?" -> the first paragraphs of that section, ending in
-   ``<|im_end|>``), so that /v1/chat/completions gets an on-topic answer. Random windows of
+   ``<|im_end|>``), so that /v1/chat/completions answers in the docs' style. Random windows of
    ``--seq`` tokens are drawn from the concatenation (seeded).
 4. Model: Qwen3ForCausalLM, hidden 256, 4 layers, 4 query heads / 2 KV heads of head_dim 64
    (TP=2 divides both), intermediate 768, tied embeddings (as Qwen3-1.7B), max positions 1024.
