@@ -363,7 +363,8 @@ def plot(points: list[Point], path: str, title: str) -> None:
                      label=f"int{bits} ours")
             # dense BF16 against its own floor (16 bits per weight instead of `bits`, scales aside)
             ax2.plot(mm, [100 * p.floor_ms * (16 / bits) / dense_best(p) if dense_best(p) else math.nan
-                          for p in pts], style, marker="x", color="C7", label="dense bf16 (its own floor)")
+                          for p in pts], style, marker="x", color="C7",
+                     label=f"dense bf16 (its own floor; int{bits} run)")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{shape} ({pts[0].k}x{pts[0].n})")
