@@ -54,3 +54,13 @@ def test_the_int8_view_conversion_fails_with_the_explosion_visible(tmp_path):
 def test_verify_help():
     rc, out = run_verify("--help")
     assert rc == 0 and "--max-kl" in out and "--min-top1" in out and Path(BASE).exists()
+
+
+DEMO = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.mark.skipif(not (DEMO / "qwen3-pydoc-gptq-int8").exists(), reason="demo model not in this checkout")
+def test_demo_model_online_is_within_one_percent_perplexity_of_the_original():
+    rc, out = run_verify(DEMO / "qwen3-pydoc", DEMO / "qwen3-pydoc-gptq-int8", "--max-chunks", "12",
+                         "--max-ppl-ratio", "1.01", "--min-top1", "0.97")
+    assert rc == 0, out
