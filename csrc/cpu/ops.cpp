@@ -504,7 +504,11 @@ void run_large_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   const at::ScalarType ct = x2.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   const bool transposed = ct == at::kBFloat16 && cfg.isa == Isa::Avx512 && cfg.bf16_dot;
   const int64_t elt = ct == at::kBFloat16 ? 2 : 4;
-  constexpr int64_t kTileBytes = 8 << 20, kMinTileCols = 512;
+  static const int64_t kTileBytes = [] {  // GPTQ_ASCEND_CPU_TILE_KIB: tuning knob, read once
+    const char* e = std::getenv("GPTQ_ASCEND_CPU_TILE_KIB");
+    return (e && std::atol(e) > 0 ? std::atol(e) : 8192L) << 10;
+  }();
+  constexpr int64_t kMinTileCols = 512;
   const int64_t tile_blocks = std::min<int64_t>(
       p.nblk, std::max<int64_t>(kMinTileCols / kBlockN, kTileBytes / (p.Kp * kBlockN * elt)));
   at::Tensor xg = gather_rows(x2, p, ct);
