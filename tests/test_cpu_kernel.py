@@ -264,7 +264,7 @@ def test_w8a8_opt_in(cfg, isa_config):
         pytest.skip("this CPU has no AVX512-VNNI: the opt-in falls back to the exact kernel")
     try:
         for dt in DTYPES:
-            for m in (1, 4, 5, 16, 33):
+            for m in (1, 4, 5, 7, 13, 16, 33):  # tiles of 5; 4+3; 5+4+4; 6+5+5; 6x3+5x3
                 x = x_for(m, k, dt, seed=m)
                 y = BACKEND.gemm(x, packed).double()
                 exact = x.double() @ w
