@@ -16,12 +16,8 @@ for an unsupported setting (bits: 5).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +25,8 @@ import pytest
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("vllm")
+
+from gptq_ascend.serving import VllmServer, free_port, server_env, vllm_command  # noqa: E402
 
 from .conftest import gptq_fixture_dirs  # noqa: E402
 
@@ -44,73 +42,16 @@ GEN_TOKENS = 12
 needs_fixture = pytest.mark.skipif(FIXTURE is None, reason="tests/fixtures has no GPTQModel-written checkpoints")
 
 
-def vllm_command() -> list[str]:
-    """The README's ``vllm`` command from this environment's bin folder."""
-    script = Path(sys.executable).parent / "vllm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gptq_ascend.serve"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_env() -> dict:
-    env = dict(os.environ)
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "127.0.0.1,localhost"})
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    return env
-
-
-def serve_args(model: Path, port: int) -> list[str]:
-    return vllm_command() + ["serve", str(model), "--quantization", "gptq_ascend", "--host", "127.0.0.1",
-                             "--port", str(port), "--served-model-name", MODEL_NAME, "--dtype", "float32",
-                             "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "16"]
-
-
-class Server:
-    def __init__(self, model: Path, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(serve_args(model, self.port), stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=server_env(), start_new_session=True)
-
-    def tail(self, n: int = 60) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vllm serve not ready after {STARTUP_TIMEOUT}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self.log.close()
+SERVE_ARGS = ["--quantization", "gptq_ascend", "--served-model-name", MODEL_NAME, "--dtype", "float32",
+              "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "16"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if FIXTURE is None:
         pytest.skip("no fixtures")
-    srv = Server(FIXTURE, tmp_path_factory.mktemp("server") / "vllm-serve.log")
+    srv = VllmServer(FIXTURE, SERVE_ARGS, tmp_path_factory.mktemp("server") / "vllm-serve.log",
+                     startup_timeout=STARTUP_TIMEOUT)
     try:
         srv.wait_ready()
         yield srv
@@ -288,9 +229,8 @@ def test_malformed_requests_do_not_take_the_server_down(server):
 
 
 def run_failing_server(model: Path, tmp_path: Path) -> str:
-    port = free_port()
-    out = subprocess.run(serve_args(model, port), capture_output=True, text=True, env=server_env(),
-                         timeout=STARTUP_TIMEOUT)
+    cmd = vllm_command() + ["serve", str(model), "--host", "127.0.0.1", "--port", str(free_port()), *SERVE_ARGS]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=server_env(), timeout=STARTUP_TIMEOUT)
     log = out.stdout + out.stderr
     (tmp_path / "vllm-serve.log").write_text(log)
     assert out.returncode != 0, f"the server started although it should have refused:\n{log[-3000:]}"
