@@ -441,3 +441,29 @@ def test_gemm_equals_x_times_gptqmodel_dequantized_weight(fixture):
         # and the weights themselves: ours (fp32, exact) rounds to GPTQModel's fp16 values
         if expected[f"{prefix}.weight"].dtype == torch.float16:
             assert torch.equal(BACKEND.dequant(packed, torch.float16), expected[f"{prefix}.weight"]), prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark's smoke mode
+# ---------------------------------------------------------------------------------------------
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    """`python -m benchmarks.dequant --quick` runs, writes every figure, and every method it times
+    computes the same product as ours (it checks that before timing)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "quick.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.dequant", "--quick", "--json", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["points"] and data["bandwidth_gbs_before"]
+    for p in data["points"]:
+        assert p["ms"]["ours"] > 0
+        for name, rel in p["agreement"].items():
+            assert rel < 2e-2, (p["shape"], p["bits"], name, rel)
