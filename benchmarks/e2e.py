@@ -4,13 +4,14 @@
 
 Makes (once, cached in --workdir) a full-size Qwen3-1.7B-shaped GPTQ-Int8 checkpoint with synthetic
 weights (tools/make_synthetic_gptq.py) and its `gptq-ascend convert --dtype bfloat16` form, then runs
-each mode in its own process (so peak RSS and start-up are that mode's alone) with the engine kept
-in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Per mode: start-up time, weight memory (bytes of the
-model's parameters and buffers), peak RSS, time to first token for a 128-token prompt, and decode
-tokens/s at batch 1 and 8 (greedy, ignore_eos, prompt token ids: the synthetic model has no
-tokenizer). Decode rate = extra tokens / extra time between a 1-token and an N-token generation, the
-median of --repeats runs. The two modes run one after the other in the same invocation, so their
-ratio is the figure to quote; absolute numbers move with the load on the machine.
+each mode in its own process (so peak RSS and start-up are that mode's alone) with the engine kept in-
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Per mode: start-up time, weight memory (bytes of the model's
+parameters and buffers), peak RSS, time to first token for a 128-token prompt, and decode tokens/s at
+batch 1 and 8 (greedy, ignore_eos, prompt token ids: the synthetic model has no tokenizer). Weight
+memory counts parameters and buffers, plus the weights vLLM's CPU path moved into oneDNN handles (same
+size as the weight they packed). Decode rate = extra tokens / extra time between a 1-token and an
+N-token generation, the median of --repeats runs. The two modes run one after the other in the same
+invocation, so their ratio is the figure to quote; absolute numbers move with the load on the machine.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def prepare(workdir: Path, layers: int, vocab: int | None) -> dict[str, Path]:
 def worker(args: argparse.Namespace) -> None:
     """One mode, in this process: print a JSON line with its figures."""
     t0 = time.perf_counter()
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -66,6 +68,14 @@ def worker(args: argparse.Namespace) -> None:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
+        # vLLM's CPU path moves unquantized linear weights into oneDNN handles and leaves an empty
+        # `weight` behind; count what the handle holds (same shape and dtype as the weight it packed).
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.numel() == 0:
+                n = getattr(m, "output_size_per_partition", getattr(m, "output_size", 0))
+                k = getattr(m, "input_size_per_partition", getattr(m, "input_size", 0))
+                total += n * k * w.element_size()
         return total
 
     weights = sum(llm.apply_model(weight_bytes))
