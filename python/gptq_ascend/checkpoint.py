@@ -160,6 +160,14 @@ class Checkpoint:
         entry = read_safetensors_header(path)[name]
         return entry["dtype"], tuple(entry["shape"])
 
+    def nbytes(self, name: str) -> int:
+        """Bytes of a stored tensor, from its header."""
+        st_dtype, shape = self.meta(name)
+        n = ST_ITEMSIZE[st_dtype]
+        for d in shape:
+            n *= d
+        return n
+
     def quantized_layers(self) -> dict[str, set[str]]:
         """Module prefix -> which of qweight/qzeros/scales/g_idx/bias it stores."""
         layers: dict[str, set[str]] = defaultdict(set)

@@ -24,6 +24,7 @@ from . import format as fmt
 from .checkpoint import (
     INDEX_NAME,
     PICKLE_INDEX_NAME,
+    QUANT_SUFFIXES,
     ST_TO_DTYPE,
     Checkpoint,
     PlannedTensor,
@@ -108,7 +109,7 @@ def plan_conversion(ckpt: Checkpoint, config: fmt.GPTQConfig, dtype: torch.dtype
 
     outputs: list[PlannedTensor] = []
     source_of: dict[str, tuple[str, str]] = {}
-    quant_names = {f"{p}.{s}" for p in layers for s in fmt_suffixes()}
+    quant_names = {f"{p}.{s}" for p in layers for s in QUANT_SUFFIXES}
     for name in sorted(ckpt.names()):
         prefix, _, suffix = name.rpartition(".")
         if prefix in layers and suffix == "qweight":
@@ -128,10 +129,6 @@ def plan_conversion(ckpt: Checkpoint, config: fmt.GPTQConfig, dtype: torch.dtype
             outputs.append(PlannedTensor(name, out_dtype, shape))
             source_of[name] = ("plain", name)
     return ConvertPlan(config, layers, outputs, source_of)
-
-
-def fmt_suffixes() -> tuple[str, ...]:
-    return ("qweight", "qzeros", "scales", "g_idx")
 
 
 @dataclass

@@ -94,14 +94,7 @@ def exercise(server: VllmServer, label: str) -> dict:
 
 def weight_bytes(folder: Path) -> int:
     ckpt = Checkpoint.open(folder)
-    total = 0
-    for name in ckpt.names():
-        st_dtype, shape = ckpt.meta(name)
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}.get(st_dtype, 1)
-    return total
+    return sum(ckpt.nbytes(name) for name in ckpt.names())
 
 
 def main(argv: list[str] | None = None) -> int:

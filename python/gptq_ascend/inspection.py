@@ -68,13 +68,10 @@ def inspect_checkpoint(src: str | Path, allow_pickle: bool = False) -> Inspectio
     quant_names = {f"{p}.{s}" for p, parts in layers.items() for s in parts if s != "bias"}
     stored = fp16 = 0
     for name in ckpt.names():
-        st_dtype, shape = ckpt.meta(name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        stored += numel * ST_ITEMSIZE[st_dtype]
+        st_dtype, _ = ckpt.meta(name)
+        stored += ckpt.nbytes(name)
         if name not in quant_names:
-            fp16 += numel * 2
+            fp16 += ckpt.nbytes(name) // ST_ITEMSIZE[st_dtype] * 2
     per_setting: Counter[str] = Counter()
     specs = []
     for prefix in layers:
