@@ -189,24 +189,34 @@ def test_failure_with_force_leaves_existing_dst_untouched(synthetic, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def big_synthetic(tmp_path_factory) -> Path:
+    """Six Qwen3-1.7B-sized layers: ~600 MB of output, seconds of work to interrupt."""
+    return make_synthetic(tmp_path_factory.mktemp("big") / "src", "--preset", "qwen3-1.7b", "--layers", "6",
+                          "--vocab", "512")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_conversion_leaves_nothing(tmp_path, sig):
-    src = make_synthetic(tmp_path / "src", "--preset", "qwen3-1.7b", "--layers", "2", "--vocab", "512")
+def test_interrupted_conversion_leaves_nothing(big_synthetic, tmp_path, sig):
     dst = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "gptq_ascend", "convert", str(src), str(dst)],
+    proc = subprocess.Popen([sys.executable, "-m", "gptq_ascend", "convert", str(big_synthetic), str(dst),
+                             "--max-shard-size", "50MB"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:  # wait until the first shard is being written
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a shard is complete and the next one is being written
         partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
-        if partial and any(partial[0].iterdir()):
+        if partial and len(list(partial[0].glob("*.safetensors"))) >= 2:
             break
-        time.sleep(0.02)
+        if proc.poll() is not None:
+            pytest.fail("conversion ended before it could be interrupted: " + proc.stdout.read())
+        time.sleep(0.01)
     else:
         proc.kill()
         pytest.fail("conversion never started")
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0, out
+    assert "interrupted; nothing was written" in out
     assert not dst.exists() and leftovers(tmp_path) == [], out
 
 
