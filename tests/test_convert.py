@@ -201,7 +201,10 @@ def test_interrupted_conversion_leaves_nothing(big_synthetic, tmp_path, sig):
     dst = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "gptq_ascend", "convert", str(big_synthetic), str(dst),
                              "--max-shard-size", "50MB"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # A job started in the background by a non-interactive shell (CI) inherits
+                            # SIGINT ignored; restore the default a terminal's Ctrl-C would meet.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until a shard is complete and the next one is being written
         partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
