@@ -163,6 +163,8 @@ import tempfile
 import time
 import traceback
 
+from pydoc_tokenizer import encode_stream, train_bpe_tokenizer  # tools/ is on sys.path when run
+
 # Must be set before gptqmodel (and ideally torch) are imported.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -172,7 +174,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB_SIZE = 1024
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -245,43 +246,13 @@ def pydoc_texts():
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     _, texts = pydoc_texts()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_bpe_tokenizer(texts, VOCAB_SIZE, 512, CHAT_TEMPLATE)
 
 
 def token_stream(tokenizer):
     """Whole pydoc corpus as one token stream, topics in sorted order separated by eos."""
-    _, texts = pydoc_texts()
-    eos = tokenizer.eos_token_id
-    ids = []
-    for t in texts:
-        ids += tokenizer.backend_tokenizer.encode(t, add_special_tokens=False).ids + [eos]
-    return ids
+    return encode_stream(tokenizer, pydoc_texts()[1])
 
 
 def select_prompts(tokenizer, stream, base_dirs):

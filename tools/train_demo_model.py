@@ -56,13 +56,14 @@ import shutil
 import sys
 import time
 
+from pydoc_tokenizer import encode_stream, train_bpe_tokenizer  # tools/ is on sys.path when run
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB_SIZE = 4096
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -128,42 +129,10 @@ def chat_examples(train_topics, rng):
 
 
 def build_tokenizer(train_texts):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(train_texts, trainer=trainer)
-    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=MODEL["max_pos"],
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert fast.convert_tokens_to_ids(t) == i, (t, fast.convert_tokens_to_ids(t))
-    return fast
+    return train_bpe_tokenizer(train_texts, VOCAB_SIZE, MODEL["max_pos"], CHAT_TEMPLATE)
 
 
-def encode_stream(tokenizer, texts):
-    eos = tokenizer.eos_token_id
-    ids = []
-    for t in texts:
-        ids += tokenizer.backend_tokenizer.encode(t, add_special_tokens=False).ids + [eos]
-    return ids
+
 
 
 def encode_chats(tokenizer, pairs):
