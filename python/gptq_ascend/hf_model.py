@@ -66,8 +66,11 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, backend
     ckpt = Checkpoint.open(path)
     layers = ckpt.quantized_layers()
     quant_tensors = {f"{p}.{s}" for p, parts in layers.items() for s in parts}
-    state = {n: ckpt.get(n).to(dtype) if ckpt.get(n).is_floating_point() else ckpt.get(n)
-             for n in ckpt.names() if n not in quant_tensors}
+    state = {}
+    for n in ckpt.names():
+        if n not in quant_tensors:
+            t = ckpt.get(n)
+            state[n] = t.to(dtype) if t.is_floating_point() else t
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise CheckpointError(f"{path}: tensors the model does not have: {unexpected[:5]}")
