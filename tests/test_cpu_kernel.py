@@ -67,8 +67,7 @@ def switch_for(dt: torch.dtype) -> int:
 def isa_config():
     """Restore the kernel's ISA and switch-over after a test changes them."""
     yield cpu_mod.kernel_config
-    cpu_mod.kernel_config("auto", int(_DEFAULTS["small_m_max_bf16"]), int(_DEFAULTS["small_m_max_f32"]),
-                          w8a8=_DEFAULTS.get("w8a8", "0") != "0")
+    cpu_mod.kernel_config("reset")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +153,7 @@ def test_gemm_and_dequant_match_float64(cfg, isa_config):
                     err = rel_err(y, x.double() @ w)
                     assert err <= REL_TOL[dt], \
                         f"{isa} {dt} M={m} small_m_max={small_m_max}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
-        isa_config("auto", int(_DEFAULTS["small_m_max_bf16"]), int(_DEFAULTS["small_m_max_f32"]))
+        isa_config("reset")
 
 
 @pytest.mark.parametrize("bits", (8, 4))
@@ -183,6 +182,37 @@ def test_both_paths_agree(small_m_max, isa_config):
     isa_config("auto", small_m_max)
     x = x_for(24, k, torch.float32)
     assert rel_err(BACKEND.gemm(x, packed), x.double() @ w) <= 1e-6
+
+
+LARGE_M_CONFIGS = [(8, -1, False, False), (8, 128, True, True), (4, 32, False, True), (4, -1, True, False),
+                   (3, 128, False, True), (2, 64, True, False)]
+
+
+@pytest.mark.parametrize("brgemm", (True, False), ids=("brgemm", "gemm-tiles"))
+@pytest.mark.parametrize("cfg", LARGE_M_CONFIGS, ids=lambda c: f"b{c[0]}-g{c[1]}-{'sym' if c[2] else 'asym'}-"
+                         f"{'act' if c[3] else 'seq'}")
+def test_large_m_paths_match_float64(cfg, brgemm, isa_config):
+    """The large-M paths on layers deeper than one dequantized tile (K chunks of 1024 padded rows, groups
+    straddling them, act-order), N not a multiple of 64, M not a power of two (brgemm splits rows into
+    power-of-two calls) and with a bias; bf16 goes through oneDNN's brgemm (or ATen's GEMM on dequantized
+    tiles), fp32 / fp16 through the fp32 GEMM."""
+    bits, gs, sym, act = cfg
+    k, n = (2336, 136) if bits == 3 else (2339, 136)
+    t, spec, w = make_layer(k, n, bits, gs, sym, act, "gptq", seed=11 + bits)
+    packed = BACKEND.repack(t, spec, k)
+    isa_config("auto", 0, 0, brgemm=brgemm)
+    if brgemm:
+        assert cpu_mod.kernel_settings()["brgemm"] == "1", "oneDNN's brgemm ukernel is unusable on this machine"
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for dt in DTYPES:
+        for m in (1, 7, 300):
+            x = x_for(m, k, dt, seed=m)
+            out = torch.full((m, n), float("nan"), dtype=dt)
+            p = packed.tensors
+            torch.ops.gptq_ascend.cpu_gemm.out(x, p["codes"], p["scales"], p.get("zeros"), p["row_map"],
+                                               p["group_ptr"], bias, bits, float(spec.sym_zero), k, n, out=out)
+            err = rel_err(out, x.double() @ w + bias.double())
+            assert err <= REL_TOL[dt], f"{dt} M={m} brgemm={brgemm}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
 
 
 @pytest.mark.parametrize("bits", (8, 4))

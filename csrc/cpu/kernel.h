@@ -100,6 +100,7 @@ struct DequantArgs {
   int64_t ldo = 0;
   int64_t b_origin = 0;
   OutType out_type = OutType::F32;  // F32 or BF16
+  int64_t k_begin = 0, k_end = -1;  // dequant_vnni_bf16 only: padded rows [k_begin, k_end), -1 = Kp
 };
 
 // Block-range entry points, one set per ISA. `small_m` computes output columns of blocks [b0, b1)
@@ -112,6 +113,9 @@ bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
 // W^T in BF16: block b's column n lands in row (b - b_origin) * 64 + n, padded K along the row.
 // Needs AVX512-BF16.
 bool dequant_t_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
+// W in BF16, rows [k_begin, k_end) as oneDNN's brgemm "VNNI" B operand: out[(k - k_begin) / 2][ldo][2],
+// block b's column n at (b - b_origin) * 64 + n. Needs AVX512-BF16.
+bool dequant_vnni_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
 }  // namespace avx512
 namespace avx2 {
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1);

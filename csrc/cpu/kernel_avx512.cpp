@@ -783,16 +783,54 @@ ALWAYS_INLINE void transpose16x16_epi32(__m512i* r) {
   }
 }
 
+// One group's dequantization terms for the BF16 writers: s and z * s per column, and for the 8-bit
+// layout (lanes alternate k, k+1 of one column) the same duplicated to lane pairs.
+struct Bf16Terms {
+  __m512 s[kV], zs[kV], sl[kV], sh[kV], zl[kV], zh[kV];
+};
+
+ALWAYS_INLINE void load_bf16_terms(const DequantArgs& a, int64_t b, int64_t g, bool nib, Bf16Terms& t) {
+  const __m512i dup_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i dup_hi = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  load_group_terms(a, b, g, 0.f, t.s, t.zs);
+  for (int v = 0; v < kV; ++v) t.zs[v] = _mm512_mul_ps(t.zs[v], t.s[v]);  // z * s, exact
+  if (!nib) {
+    for (int v = 0; v < kV; ++v) {
+      t.sl[v] = _mm512_permutexvar_ps(dup_lo, t.s[v]);
+      t.sh[v] = _mm512_permutexvar_ps(dup_hi, t.s[v]);
+      t.zl[v] = _mm512_permutexvar_ps(dup_lo, t.zs[v]);
+      t.zh[v] = _mm512_permutexvar_ps(dup_hi, t.zs[v]);
+    }
+  }
+}
+
+// One k-pair of one block -> 4 vectors of 16 BF16 (k, k+1) pairs, columns 16v .. 16v + 15 in order.
+ALWAYS_INLINE void dequant_pair_bf16(const uint8_t* c, bool nib, const Bf16Terms& t, __m512i* out) {
+  if (nib) {
+    // word 2i <- word i (bf16 of code(k)), word 2i+1 <- word 16 + i (code(k+1)): _mm512_set_epi16
+    // lists words from 31 down to 0.
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
+                                                7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i lo16 = _mm512_set1_epi32(0xffff);
+    __m512i P[kV];
+    unpack_nibbles<0>(c, P);
+    for (int v = 0; v < kV; ++v) {
+      const __m512 e = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(P[v], lo16)), t.s[v], t.zs[v]);
+      const __m512 o = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(P[v], 16)), t.s[v], t.zs[v]);
+      out[v] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(o, e));
+    }
+  } else {
+    for (int v = 0; v < kV; ++v) {
+      const __m512 lo = _mm512_fmsub_ps(u8x16_to_ps(c + 32 * v), t.sl[v], t.zl[v]);
+      const __m512 hi = _mm512_fmsub_ps(u8x16_to_ps(c + 32 * v + 16), t.sh[v], t.zh[v]);
+      out[v] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
+  }
+}
+
 void dequant_t_bf16_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
   const bool nib = a.bits != 8;
   const int64_t pb = nib ? kBlockN : 2 * kBlockN;
-  const __m512i dup_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i dup_hi = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-  // word 2i <- word i (bf16 of code(k)), word 2i+1 <- word 16 + i (code(k+1)): _mm512_set_epi16 lists
-  // words from 31 down to 0.
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i lo16 = _mm512_set1_epi32(0xffff);
   alignas(64) __m512i scratch[16][kV];
   uint16_t* out = static_cast<uint16_t*>(a.out);
   for (int64_t b = b0; b < b1; ++b) {
@@ -801,38 +839,11 @@ void dequant_t_bf16_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
     for (int64_t g = 0; g < a.G; ++g) {
       const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
       if (k1 <= k0) continue;
-      __m512 s[kV], zs[kV];
-      load_group_terms(a, b, g, 0.f, s, zs);
-      for (int v = 0; v < kV; ++v) zs[v] = _mm512_mul_ps(zs[v], s[v]);  // z * s, exact
-      __m512 sl[kV], sh[kV], zl[kV], zh[kV];
-      if (!nib) {
-        for (int v = 0; v < kV; ++v) {
-          sl[v] = _mm512_permutexvar_ps(dup_lo, s[v]);
-          sh[v] = _mm512_permutexvar_ps(dup_hi, s[v]);
-          zl[v] = _mm512_permutexvar_ps(dup_lo, zs[v]);
-          zh[v] = _mm512_permutexvar_ps(dup_hi, zs[v]);
-        }
-      }
+      Bf16Terms t;
+      load_bf16_terms(a, b, g, nib, t);
       for (int64_t p0 = k0 / 2; p0 < k1 / 2; p0 += 16) {
         const int np = static_cast<int>(min64(16, k1 / 2 - p0));
-        for (int j = 0; j < np; ++j) {
-          const uint8_t* c = cbk + (p0 + j) * pb;
-          if (nib) {
-            __m512i P[kV];
-            unpack_nibbles<0>(c, P);
-            for (int v = 0; v < kV; ++v) {
-              const __m512 e = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(P[v], lo16)), s[v], zs[v]);
-              const __m512 o = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(P[v], 16)), s[v], zs[v]);
-              scratch[j][v] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(o, e));
-            }
-          } else {
-            for (int v = 0; v < kV; ++v) {
-              const __m512 lo = _mm512_fmsub_ps(u8x16_to_ps(c + 32 * v), sl[v], zl[v]);
-              const __m512 hi = _mm512_fmsub_ps(u8x16_to_ps(c + 32 * v + 16), sh[v], zh[v]);
-              scratch[j][v] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-            }
-          }
-        }
+        for (int j = 0; j < np; ++j) dequant_pair_bf16(cbk + (p0 + j) * pb, nib, t, scratch[j]);
         const __mmask16 mask = tail_mask(np);
         // The next 16 k-pairs' codes (contiguous, across groups too) arrive while we transpose.
         const char* next = reinterpret_cast<const char*>(cbk + (p0 + np) * pb);
@@ -850,6 +861,37 @@ void dequant_t_bf16_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
             for (int i = 0; i < 16; ++i) _mm512_mask_storeu_epi32(rows + (16 * v + i) * a.ldo + 2 * p0, mask, r[i]);
           }
         }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// BF16 dequantization into the "VNNI" layout oneDNN's brgemm ukernel multiplies without repacking:
+// [k-pair][column][k, k+1]. That is the order the decode already produces (kernel.h: codes are stored
+// k-pair-major, column, then k / k+1), so this is the transposed writer above minus the transpose:
+// every decoded vector is stored as is. Rows [k_begin, k_end) of the padded K, so a tile can stay in
+// L2 while the GEMM runs over it.
+// ------------------------------------------------------------------------------------------------
+void dequant_vnni_bf16_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
+  const bool nib = a.bits != 8;
+  const int64_t pb = nib ? kBlockN : 2 * kBlockN;
+  uint16_t* out = static_cast<uint16_t*>(a.out);
+  const int64_t kb = a.k_begin, ke = a.k_end < 0 ? a.Kp : a.k_end;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* cbk = a.codes + b * (a.Kp / 2) * pb;
+    uint16_t* cols = out + (b - a.b_origin) * kBlockN * 2;
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t k0 = a.group_ptr[g] > kb ? a.group_ptr[g] : kb;
+      const int64_t k1 = a.group_ptr[g + 1] < ke ? a.group_ptr[g + 1] : ke;
+      if (k1 <= k0) continue;
+      Bf16Terms t;
+      load_bf16_terms(a, b, g, nib, t);
+      for (int64_t p = k0 / 2; p < k1 / 2; ++p) {
+        __m512i w[kV];
+        dequant_pair_bf16(cbk + p * pb, nib, t, w);
+        uint16_t* dst = cols + (p - kb / 2) * a.ldo * 2;
+        for (int v = 0; v < kV; ++v) _mm512_storeu_si512(dst + 32 * v, w[v]);
       }
     }
   }
@@ -909,6 +951,11 @@ bool dequant_t_bf16(const DequantArgs& a, int64_t b0, int64_t b1) {
   return true;
 }
 
+bool dequant_vnni_bf16(const DequantArgs& a, int64_t b0, int64_t b1) {
+  dequant_vnni_bf16_impl(a, b0, b1);
+  return true;
+}
+
 }  // namespace avx512
 }  // namespace gptq_cpu
 
@@ -930,6 +977,7 @@ bool small_m(const GemmArgs&, int64_t, int64_t, bool) { return false; }
 bool small_m_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 bool dequant_t_bf16(const DequantArgs&, int64_t, int64_t) { return false; }
+bool dequant_vnni_bf16(const DequantArgs&, int64_t, int64_t) { return false; }
 }  // namespace avx512
 bool avx512_compiled() { return false; }
 }  // namespace gptq_cpu

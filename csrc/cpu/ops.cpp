@@ -8,13 +8,15 @@
 //   cpu_gemm.out(..., *, Tensor(a!) out) -> Tensor(a!)
 //   cpu_dequant(Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, int bits,
 //               float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor
-//   cpu_kernel_config(str isa="", int small_m_max=-1, int small_m_max_f32=-1, int w8a8=-1) -> str
+//   cpu_kernel_config(str isa="", int small_m_max=-1, int small_m_max_f32=-1, int w8a8=-1,
+//                     int brgemm=-1) -> str
 // The packed tensors are described in kernel.h and produced by CPUBackend.repack.
 //
 // This file is compiled at the baseline ISA; it only calls into the AVX-512/AVX2 units after checking
 // the CPU at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <Python.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -42,20 +44,27 @@ enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2 };
 struct Config {
   Isa isa = Isa::Generic;
   bool bf16_dot = false;  // AVX512-BF16 present: bf16 activations use vdpbf16ps
-  // Largest M the fused kernel takes; above it, tiles are dequantized and multiplied by ATen's GEMM.
-  // Picked by measurement (docs/cpu-kernel.md, 2-core Zen 4): the fused kernel does the multiply-adds
-  // itself at 16 (fp32 FMA) or 32 (vdpbf16ps) MACs per instruction from one decode per weight; ATen's
-  // BF16 GEMM runs ~10% closer to peak but pays ~0.2 ns per weight to write the dequantized tile, so
-  // it only wins once M is large: fused vs GEMM path, int8 K=2048 N=4096, one core, CPU time:
-  // M=128 11.5 vs 13.0 ms, M=192 17.6 vs 17.7 ms. For fp32/fp16 activations ATen's fp32 GEMM is
-  // half as fast as BF16 and the fused kernel still wins at M=256 (44.9 vs 50.9 ms).
-  int64_t small_m_max_bf16 = 192;
+  // Largest M the fused kernel takes; above it the large-M paths run. Picked by measurement
+  // (docs/cpu-kernel.md, 2-core Zen 4, interleaved with dense, int8 Qwen3-1.7B layers). The fused
+  // kernel does the multiply-adds itself at 16 (fp32 FMA) or 32 (vdpbf16ps) MACs per instruction from
+  // one cheap decode per weight (no scale); the large-M paths apply the scale while dequantizing and
+  // hand the tile to oneDNN, whose register blocking runs closer to peak. With bf16 activations and the
+  // brgemm path, fused vs brgemm: M=32 0.81-4.62 vs 0.91-5.35 ms, M=48 1.18-6.63 vs 1.25-7.17 ms,
+  // M=64 qkv 3.04 vs 3.06, down 4.88 vs 4.40 ms -> 48. Without brgemm (run_large_m, dequantized tiles
+  // into ATen's GEMM, ~0.2 ns per weight more) the switch is at M=192 (int8 K=2048 N=4096, one core:
+  // M=128 11.5 vs 13.0 ms, M=192 17.6 vs 17.7 ms). fp32/fp16 activations use ATen's fp32 GEMM, half
+  // as fast as BF16: the fused kernel still wins at M=256 (44.9 vs 50.9 ms).
+  // small_m_max_bf16 < 0 means "by path": 48 with brgemm, 192 without.
+  int64_t small_m_max_bf16 = -1;
   int64_t small_m_max_f32 = 256;
   // Opt-in: 8-bit layers with kTiledMinM <= M <= small_m_max quantize x to int8 per row and group and
   // use AVX512-VNNI (twice the multiply rate of vdpbf16ps). Changes the numerics (x is rounded to
   // 8 bits), so it is off unless asked for (GPTQ_ASCEND_CPU_W8A8=1 or cpu_kernel_config).
   bool w8a8 = false;
   bool vnni = false;  // the CPU has AVX512-VNNI (and the AVX-512 kernels are selected)
+  // Large M with bf16 activations through oneDNN's brgemm micro-kernel (run_large_m_brgemm); off ->
+  // dequantized tiles into ATen's GEMM (run_large_m). GPTQ_ASCEND_CPU_BRGEMM=0 or cpu_kernel_config.
+  bool brgemm = true;
 };
 
 bool cpu_has(const char* feature) {
@@ -116,6 +125,7 @@ Config make_config() {
   const char* env = std::getenv("GPTQ_ASCEND_CPU_ISA");
   set_isa(c, env && *env ? std::string(env) : std::string("auto"));
   if (const char* w = std::getenv("GPTQ_ASCEND_CPU_W8A8")) c.w8a8 = *w && std::strcmp(w, "0") != 0;
+  if (const char* b = std::getenv("GPTQ_ASCEND_CPU_BRGEMM")) c.brgemm = !(*b && std::strcmp(b, "0") == 0);
   if (const char* m = std::getenv("GPTQ_ASCEND_CPU_SMALL_M_MAX")) {
     const long v = std::strtol(m, nullptr, 10);
     if (v >= 0) c.small_m_max_bf16 = c.small_m_max_f32 = v;
@@ -129,11 +139,16 @@ Config& config() {
   return c;
 }
 
+bool brgemm_works();  // large-M section below
+bool brgemm_on(const Config& cfg);
+int64_t small_m_max_bf16(const Config& cfg);
+
 std::string describe(const Config& c) {
   return std::string("isa=") + isa_name(c.isa) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
-         " small_m_max_bf16=" + std::to_string(c.small_m_max_bf16) +
+         " small_m_max_bf16=" + std::to_string(small_m_max_bf16(c)) +
          " small_m_max_f32=" + std::to_string(c.small_m_max_f32) +
          " w8a8=" + (c.w8a8 ? (c.vnni ? "1" : "1(no-vnni:off)") : "0") +
+         " brgemm=" + (!c.brgemm ? "0" : !c.bf16_dot ? "1(no-bf16:off)" : brgemm_works() ? "1" : "1(no-ukernel:off)") +
          " threads=" + std::to_string(at::get_num_threads());
 }
 
@@ -484,6 +499,118 @@ void dequant_blocks_t_bf16(const Packed& p, int64_t b0, int64_t b1, at::Tensor& 
   parallel_blocks(b1 - b0, [&](int64_t c0, int64_t c1) { avx512::dequant_t_bf16(d, b0 + c0, b0 + c1); });
 }
 
+// Large M, bf16 activations, AVX512-BF16: dequantize-and-multiply fused per thread through oneDNN's
+// brgemm micro-kernel (ATen's at::native::cpublas::brgemm; the oneDNN "ukernel" API, made for exactly
+// this: the caller produces B tiles, oneDNN supplies the register-blocked multiply).
+//
+// Why not a plain GEMM on a dequantized tile (run_large_m below): that writes each tile out (4 MiB,
+// past L2), then oneDNN's matmul reads it back and repacks it into its own blocked "VNNI" layout
+// before multiplying: two extra passes over every weight, ~10-15% of the GEMM at M = 256. The brgemm
+// B operand IS the VNNI layout ([k-pair][column][k, k+1]), which is the order our codes are already
+// stored in, so the dequantization writes it directly with no transpose, one L2-resident tile of
+// kBrgemmK rows x 64 columns at a time, and the GEMM consumes it while it is hot. Threads take
+// 64-column blocks from a shared counter; each accumulates its block's [M, 64] result in fp32 over the
+// K chunks, then adds the bias and rounds once, like the small-M kernels.
+constexpr int64_t kBrgemmK = 1024;   // padded rows per dequantized tile: 128 KiB of BF16 per block
+constexpr int64_t kBrgemmM = 512;    // most activation rows per brgemm call
+
+int64_t small_m_max_bf16(const Config& cfg) {  // the "by path" default: see Config
+  return cfg.small_m_max_bf16 >= 0 ? cfg.small_m_max_bf16 : brgemm_on(cfg) ? 48 : 192;
+}
+
+// Rows for the next brgemm call: kBrgemmM, else the largest power of two <= the rows left. ATen keeps
+// every generated micro-kernel, keyed by its shape, in a per-thread map that is never pruned; serving
+// sees every prefill length, so the row counts must come from a small fixed set (here <= 10 values).
+int64_t brgemm_rows(int64_t left) {
+  if (left >= kBrgemmM) return kBrgemmM;
+  int64_t r = 1;
+  while (2 * r <= left) r *= 2;
+  return r;
+}
+
+// ATen only runs a BF16 VNNI brgemm through oneDNN's ukernel (built in on x86 torch, needs
+// avx512_core) and raises otherwise; probe it once on a product with a known exact result rather
+// than trust build flags we cannot see from the headers.
+bool brgemm_works() {
+  static const bool ok = [] {
+    try {
+      constexpr int64_t m = 2, k = 4;
+      std::vector<at::BFloat16> a(m * k, at::BFloat16(1.f)), b(k * kBlockN);
+      for (int64_t i = 0; i < k * kBlockN; ++i) b[i] = at::BFloat16(static_cast<float>(i % 7));
+      std::vector<float> c(m * kBlockN, -1.f);
+      at::native::cpublas::brgemm(m, kBlockN, k, k, kBlockN, kBlockN, false, a.data(), b.data(), c.data());
+      at::native::cpublas::brgemm_release();
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = 0; n < kBlockN; ++n) {  // B is [k / 2][n][2]: column n takes pairs 2n, 2n + 1
+          float want = 0.f;
+          for (int64_t p = 0; p < k / 2; ++p) want += static_cast<float>(((p * kBlockN + n) * 2) % 7 + ((p * kBlockN + n) * 2 + 1) % 7);
+          if (c[r * kBlockN + n] != want) return false;
+        }
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+bool brgemm_on(const Config& cfg) {
+  return cfg.isa == Isa::Avx512 && cfg.bf16_dot && cfg.brgemm && at::globalContext().userEnabledMkldnn() &&
+         brgemm_works();
+}
+
+// acc [M][64] fp32 (+ bias) -> bf16 output columns [0, nv), rounded once.
+void store_rows_bf16(const float* acc, const float* bias, int64_t M, int64_t nv, at::BFloat16* out, int64_t ldo) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* cr = acc + m * kBlockN;
+    at::BFloat16* orow = out + m * ldo;
+    for (int64_t n = 0; n < nv; ++n) orow[n] = static_cast<at::BFloat16>(bias ? cr[n] + bias[n] : cr[n]);
+  }
+}
+
+void run_large_m_brgemm(const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
+                        at::Tensor& out2) {
+  const int64_t M = x2.size(0);
+  const at::Tensor xg = gather_rows(x2, p, at::kBFloat16).contiguous();  // [M, Kp]
+  const auto* A = reinterpret_cast<const at::BFloat16*>(xg.data_ptr());
+  const int64_t lda = xg.stride(0);
+  at::Tensor bias32;
+  if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
+  const float* bias_p = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
+  const DequantArgs d0 = dequant_args(p);
+  const int64_t ldo = out2.stride(0);
+  auto* out_base = reinterpret_cast<at::BFloat16*>(out2.data_ptr());  // out has x's dtype (checked)
+  const int64_t kc_max = std::min(p.Kp, kBrgemmK);
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), p.nblk);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    if (t0 >= t1) return;
+    std::vector<uint16_t> tile(static_cast<size_t>(kc_max * kBlockN));
+    std::vector<float> acc(static_cast<size_t>(M * kBlockN));
+    for (int64_t b; (b = next.fetch_add(1)) < p.nblk;) {
+      for (int64_t k0 = 0; k0 < p.Kp; k0 += kc_max) {
+        const int64_t k1 = std::min(k0 + kc_max, p.Kp);
+        DequantArgs d = d0;
+        d.out = tile.data();
+        d.ldo = kBlockN;
+        d.b_origin = b;
+        d.k_begin = k0;
+        d.k_end = k1;
+        d.out_type = OutType::BF16;
+        avx512::dequant_vnni_bf16(d, b, b + 1);
+        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+          mb = brgemm_rows(M - m0);
+          at::native::cpublas::brgemm(mb, kBlockN, k1 - k0, lda, kBlockN, kBlockN, /*add_C=*/k0 > 0, A + m0 * lda + k0,
+                                      reinterpret_cast<const at::BFloat16*>(tile.data()), acc.data() + m0 * kBlockN);
+        }
+      }
+      const int64_t n0 = b * kBlockN, nv = std::min<int64_t>(kBlockN, p.N - n0);
+      store_rows_bf16(acc.data(), bias_p ? bias_p + n0 : nullptr, M, nv, out_base + n0, ldo);
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+
 // Large M: dequantize column tiles into a reused buffer and hand each to ATen's GEMM (oneDNN/MKL).
 // With AVX512-BF16 and bf16 activations the tile is written transposed ([N, K], like nn.Linear's
 // weight), the layout oneDNN is fastest with. Tiles are ~4 MiB and at least 512 columns wide. Measured
@@ -558,8 +685,9 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
     cfg = config();
   }
   const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
-  const int64_t small_max = dot ? cfg.small_m_max_bf16 : cfg.small_m_max_f32;
-  if (M <= small_max) run_small_m(cfg, x2, p, bias, out2);
+  const bool brgemm = x2.scalar_type() == at::kBFloat16 && brgemm_on(cfg);
+  if (M <= (dot ? small_m_max_bf16(cfg) : cfg.small_m_max_f32)) run_small_m(cfg, x2, p, bias, out2);
+  else if (brgemm) run_large_m_brgemm(x2, p, bias, out2);
   else run_large_m(cfg, x2, p, bias, out2);
 }
 
@@ -631,15 +759,19 @@ at::Tensor cpu_dequant(const at::Tensor& codes, const at::Tensor& scales, const 
   return w.to(dtype).contiguous();
 }
 
-// isa: "" keeps it; small_m_max: >= 0 sets the switch-over for both paths, small_m_max_f32 >= 0 then
+// isa: "" keeps it, "reset" restores the start-up settings (environment included) before the other
+// arguments apply; small_m_max: >= 0 sets the switch-over for both paths, small_m_max_f32 >= 0 then
 // overrides the fp32 path's.
-std::string cpu_kernel_config(const std::string& isa, int64_t small_m_max, int64_t small_m_max_f32, int64_t w8a8) {
+std::string cpu_kernel_config(const std::string& isa, int64_t small_m_max, int64_t small_m_max_f32, int64_t w8a8,
+                              int64_t brgemm) {
   std::lock_guard<std::mutex> lock(g_config_mutex);
   Config& c = config();
-  if (!isa.empty()) set_isa(c, isa);
+  if (isa == "reset") c = make_config();
+  else if (!isa.empty()) set_isa(c, isa);
   if (small_m_max >= 0) c.small_m_max_bf16 = c.small_m_max_f32 = small_m_max;
   if (small_m_max_f32 >= 0) c.small_m_max_f32 = small_m_max_f32;
   if (w8a8 >= 0) c.w8a8 = w8a8 != 0;
+  if (brgemm >= 0) c.brgemm = brgemm != 0;
   return describe(c);
 }
 
@@ -659,7 +791,8 @@ TORCH_LIBRARY_FRAGMENT(gptq_ascend, m) {
       "cpu_dequant(Tensor codes, Tensor scales, Tensor? zeros, Tensor row_map, Tensor group_ptr, int bits, "
       "float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor");
   // No tensor arguments, so no dispatch key: registered as a catch-all kernel.
-  m.def("cpu_kernel_config(str isa=\"\", int small_m_max=-1, int small_m_max_f32=-1, int w8a8=-1) -> str",
+  m.def("cpu_kernel_config(str isa=\"\", int small_m_max=-1, int small_m_max_f32=-1, int w8a8=-1, "
+        "int brgemm=-1) -> str",
         &gptq_cpu::cpu_kernel_config);
 }
 
