@@ -1,5 +1,6 @@
 // Torch glue for the CPU GPTQ kernels: argument checks, activation gather, ISA dispatch, the small-M
-// (fused, bandwidth-bound) and large-M (dequantize tiles + ATen GEMM) paths, and the op registration.
+// (fused, bandwidth-bound) and large-M (dequantized tiles into oneDNN's brgemm micro-kernel, or into
+// ATen's GEMM) paths, and the op registration.
 //
 // Ops (namespace gptq_ascend, all CPU; fake/meta implementations are registered from Python in
 // gptq_ascend/backends/cpu.py with torch.library.register_fake so torch.compile can trace them):
@@ -541,9 +542,12 @@ bool brgemm_works() {
       at::native::cpublas::brgemm(m, kBlockN, k, k, kBlockN, kBlockN, false, a.data(), b.data(), c.data());
       at::native::cpublas::brgemm_release();
       for (int64_t r = 0; r < m; ++r)
-        for (int64_t n = 0; n < kBlockN; ++n) {  // B is [k / 2][n][2]: column n takes pairs 2n, 2n + 1
-          float want = 0.f;
-          for (int64_t p = 0; p < k / 2; ++p) want += static_cast<float>(((p * kBlockN + n) * 2) % 7 + ((p * kBlockN + n) * 2 + 1) % 7);
+        for (int64_t n = 0; n < kBlockN; ++n) {
+          float want = 0.f;  // A is all ones: the sum of column n's B entries
+          for (int64_t p = 0; p < k / 2; ++p) {
+            const int64_t i = (p * kBlockN + n) * 2;  // B is [k / 2][64][2]: (k, k + 1) of column n
+            want += static_cast<float>(i % 7 + (i + 1) % 7);
+          }
           if (c[r * kBlockN + n] != want) return false;
         }
       return true;
