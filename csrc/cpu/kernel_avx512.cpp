@@ -97,10 +97,11 @@ ALWAYS_INLINE void unpack_nibbles(const uint8_t* c, __m512i* P) {
   P[3] = _mm512_unpackhi_epi8(u1, mg);
 }
 
-// The direct (M < kTiledMinM) kernels stream each code once, and at M = 1 the decode keeps the core
-// busy enough that the hardware prefetcher alone leaves DRAM latency exposed: requesting the codes
-// 4 KiB ahead (32 int8 k-pairs) cut M = 1 int8 times by 25-30% (qkv 0.268 -> 0.187 ms, down 0.401 ->
-// 0.279 ms, 2 threads, interleaved A/B over 320 MiB of weight copies; 2 KiB gave 0.187 / 0.280).
+// The direct (M < kTiledMinM) kernels stream each code once, with enough conversion work per byte that
+// the hardware prefetcher alone leaves some DRAM latency exposed. Requesting the codes 4 KiB ahead,
+// measured as an interleaved A/B with every call on a different weight copy (640 MiB in rotation, 2
+// threads, Qwen3-1.7B layers): int8 M=1 -2..-5% time, M=4 -6..-9%; int4 M=1 -1..-6%, M=4 -10..-14%.
+// 1, 2 and 4 KiB ahead are within noise of each other.
 constexpr int64_t kStreamAhead = 4096;
 
 template <int kPairBytes>
