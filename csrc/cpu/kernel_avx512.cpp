@@ -338,17 +338,20 @@ ALWAYS_INLINE void dpbusd_bcast(__m512& acc, __m512i w, const int32_t* x) {
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
 }
 
-// acc[r][v] = sum_p w[p][v] . x[r][p] for MR rows and all 4 column vectors over `np` decoded k-pairs,
-// then total[r][v] += s[v] * acc[r][v]. A 2-D register tile (6 x 4 = 24 accumulators): per k-pair 4
-// loads of decoded weights and MR broadcasts feed 4*MR dot products. x is pair-major
-// (xp[p * ldp + r]): one base pointer and constant offsets, no per-row address registers.
+// acc[r][v] = sum_p w[p][v] . x[r][p] for MR rows and all 4 column vectors over `np` k-pairs, then
+// total[r][v] += s[v] * acc[r][v]. A 2-D register tile (6 x 4 = 24 accumulators): per k-pair 4 weight
+// vectors and MR broadcasts feed 4*MR dot products. x is pair-major (xp[p * ldp + r]): one base
+// pointer and constant offsets, no per-row address registers.
 //
-// Decoding and multiplying in separate phases would leave the memory system idle during the dot
-// products (the first version spent ~45% of its time stalled in the decode loop), so the first row
-// tile of each chunk prefetches the NEXT chunk's codes, `pf_lines` cache lines per k-pair.
-template <int MR>
-ALWAYS_INLINE void dot_tile(const __m512i* w, int64_t np, const uint32_t* xp, int64_t ldp, float* total,
-                            const __m512* s, const char* pf, int pf_lines) {
+// The first row tile of a chunk (D = the decoder) decodes each k-pair from `codes` itself and leaves it
+// in the L1 scratch `w` for the tiles after it (D = void), which only load it. Decoding inside the
+// first tile lets the conversions overlap its dot products; as a phase of its own before the tiles it
+// cost ~17% of the time at M = 16 (the conversions and the dot products use different ports). The
+// first tile also prefetches the NEXT chunk's codes, `pf_lines` cache lines per k-pair (decoding and
+// multiplying without it left memory idle: ~45% of the first version's time was stalls).
+template <int MR, class D>
+ALWAYS_INLINE void dot_tile(__m512i* w, const uint8_t* codes, bool keep, int64_t np, const uint32_t* xp,
+                            int64_t ldp, float* total, const __m512* s, const char* pf, int pf_lines) {
   __m512 acc[MR][kV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -356,12 +359,19 @@ ALWAYS_INLINE void dot_tile(const __m512i* w, int64_t np, const uint32_t* xp, in
     if (pf) {
       for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + (p * pf_lines + l) * 64, _MM_HINT_T0);
     }
-    __m512bh wv[kV];
-    for (int v = 0; v < kV; ++v) wv[v] = (__m512bh)_mm512_load_si512(w + p * kV + v);
+    __m512i wv[kV];
+    if constexpr (std::is_void_v<D>) {
+      for (int v = 0; v < kV; ++v) wv[v] = _mm512_load_si512(w + p * kV + v);
+    } else {
+      D::decode(codes + p * D::kPairBytes, wv);
+      if (keep) {
+        for (int v = 0; v < kV; ++v) _mm512_store_si512(w + p * kV + v, wv[v]);
+      }
+    }
     const uint32_t* xr = xp + p * ldp;
     for (int r = 0; r < MR; ++r) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(xr[r]));
-      for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wv[v], xb);
+      for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)wv[v], xb);
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -371,27 +381,33 @@ ALWAYS_INLINE void dot_tile(const __m512i* w, int64_t np, const uint32_t* xp, in
     }
 }
 
-// Row tiles as even as possible with at most 6 rows: M = 16 runs 6 + 5 + 5.
-ALWAYS_INLINE void dot_rows(const __m512i* w, int64_t np, const uint32_t* xp, int64_t ldp, int64_t M,
-                            float* total, const __m512* s, const char* pf, int pf_lines) {
+template <class D>
+ALWAYS_INLINE void dot_tile_mr(int64_t mr, __m512i* w, const uint8_t* codes, bool keep, int64_t np,
+                               const uint32_t* xp, int64_t ldp, float* total, const __m512* s, const char* pf,
+                               int pf_lines) {
+  switch (mr) {
+    case 6: dot_tile<6, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+    case 5: dot_tile<5, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+    case 4: dot_tile<4, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+    case 3: dot_tile<3, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+    case 2: dot_tile<2, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+    default: dot_tile<1, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+  }
+}
+
+// Row tiles as even as possible with at most 6 rows: M = 16 runs 6 + 5 + 5. The first decodes.
+template <class D>
+ALWAYS_INLINE void dot_rows(__m512i* w, const uint8_t* codes, int64_t np, const uint32_t* xp, int64_t ldp,
+                            int64_t M, float* total, const __m512* s, const char* pf, int pf_lines) {
   constexpr int64_t kMaxMR = 6;
   const int64_t ntiles = (M + kMaxMR - 1) / kMaxMR;
   const int64_t base = M / ntiles, extra = M % ntiles;
   int64_t m0 = 0;
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t mr = base + (t < extra ? 1 : 0);
-    const uint32_t* xr = xp + m0;
-    float* tr = total + m0 * kBlockN;
-    switch (mr) {
-      case 6: dot_tile<6>(w, np, xr, ldp, tr, s, pf, pf_lines); break;
-      case 5: dot_tile<5>(w, np, xr, ldp, tr, s, pf, pf_lines); break;
-      case 4: dot_tile<4>(w, np, xr, ldp, tr, s, pf, pf_lines); break;
-      case 3: dot_tile<3>(w, np, xr, ldp, tr, s, pf, pf_lines); break;
-      case 2: dot_tile<2>(w, np, xr, ldp, tr, s, pf, pf_lines); break;
-      default: dot_tile<1>(w, np, xr, ldp, tr, s, pf, pf_lines); break;
-    }
+    if (t == 0) dot_tile_mr<D>(mr, w, codes, ntiles > 1, np, xp, ldp, total, s, pf, pf_lines);
+    else dot_tile_mr<void>(mr, w, nullptr, false, np, xp + m0, ldp, total + m0 * kBlockN, s, nullptr, 0);
     m0 += mr;
-    pf = nullptr;  // one prefetch pass per chunk
   }
 }
 
@@ -423,12 +439,11 @@ void small_m_bf16_tiled(const GemmArgs& a, int64_t b0, int64_t b1, float* total,
       for (int64_t c0 = k0; c0 < k1; c0 += 2 * kChunk) {
         const int64_t np = min64(kChunk, (k1 - c0) / 2);
         const uint8_t* cc = cb + (c0 / 2) * D::kPairBytes;
-        for (int64_t p = 0; p < np; ++p) D::decode(cc + p * D::kPairBytes, scratch + p * kV);
         // total += s * sum x (q + cb), chunk by chunk ...
         __m512 s[kV];
         for (int v = 0; v < kV; ++v) s[v] = load_scale_vec(a, b, g, v);
-        dot_rows(scratch, np, a.xp + (c0 / 2) * M, M, M, total, s,
-                 reinterpret_cast<const char*>(cc + np * D::kPairBytes), D::kPairBytes / 64);
+        dot_rows<D>(scratch, cc, np, a.xp + (c0 / 2) * M, M, M, total, s,
+                    reinterpret_cast<const char*>(cc + np * D::kPairBytes), D::kPairBytes / 64);
       }
       // ... and - s (z + cb) sum x once per group.
       for (int v = 0; v < kV; ++v) {
