@@ -349,9 +349,13 @@ ALWAYS_INLINE void dpbusd_bcast(__m512& acc, __m512i w, const int32_t* x) {
 // cost ~17% of the time at M = 16 (the conversions and the dot products use different ports). The
 // first tile also prefetches the NEXT chunk's codes, `pf_lines` cache lines per k-pair (decoding and
 // multiplying without it left memory idle: ~45% of the first version's time was stalls).
+// With `zc` set, the tile also subtracts (z + cb) * X[r, g] (xs[r * G] = X[r, g]) before scaling: the
+// group's zero-point term, applied in one chunk of the group only, costs MR * 4 fnmadds here instead of
+// a load-fnmadd-store pass over the block's totals per group.
 template <int MR, class D>
 ALWAYS_INLINE void dot_tile(__m512i* w, const uint8_t* codes, bool keep, int64_t np, const uint32_t* xp,
-                            int64_t ldp, float* total, const __m512* s, const char* pf, int pf_lines) {
+                            int64_t ldp, float* total, const __m512* s, const __m512* zc, const float* xs,
+                            int64_t G, const char* pf, int pf_lines) {
   __m512 acc[MR][kV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -374,6 +378,12 @@ ALWAYS_INLINE void dot_tile(__m512i* w, const uint8_t* codes, bool keep, int64_t
       for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)wv[v], xb);
     }
   }
+  if (zc) {
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xr = _mm512_set1_ps(xs[r * G]);
+      for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_fnmadd_ps(zc[v], xr, acc[r][v]);
+    }
+  }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < kV; ++v) {
       float* t = total + r * kBlockN + 16 * v;
@@ -383,30 +393,32 @@ ALWAYS_INLINE void dot_tile(__m512i* w, const uint8_t* codes, bool keep, int64_t
 
 template <class D>
 ALWAYS_INLINE void dot_tile_mr(int64_t mr, __m512i* w, const uint8_t* codes, bool keep, int64_t np,
-                               const uint32_t* xp, int64_t ldp, float* total, const __m512* s, const char* pf,
-                               int pf_lines) {
+                               const uint32_t* xp, int64_t ldp, float* total, const __m512* s, const __m512* zc,
+                               const float* xs, int64_t G, const char* pf, int pf_lines) {
   switch (mr) {
-    case 6: dot_tile<6, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
-    case 5: dot_tile<5, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
-    case 4: dot_tile<4, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
-    case 3: dot_tile<3, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
-    case 2: dot_tile<2, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
-    default: dot_tile<1, D>(w, codes, keep, np, xp, ldp, total, s, pf, pf_lines); break;
+    case 6: dot_tile<6, D>(w, codes, keep, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines); break;
+    case 5: dot_tile<5, D>(w, codes, keep, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines); break;
+    case 4: dot_tile<4, D>(w, codes, keep, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines); break;
+    case 3: dot_tile<3, D>(w, codes, keep, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines); break;
+    case 2: dot_tile<2, D>(w, codes, keep, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines); break;
+    default: dot_tile<1, D>(w, codes, keep, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines); break;
   }
 }
 
 // Row tiles as even as possible with at most 6 rows: M = 16 runs 6 + 5 + 5. The first decodes.
 template <class D>
 ALWAYS_INLINE void dot_rows(__m512i* w, const uint8_t* codes, int64_t np, const uint32_t* xp, int64_t ldp,
-                            int64_t M, float* total, const __m512* s, const char* pf, int pf_lines) {
+                            int64_t M, float* total, const __m512* s, const __m512* zc, const float* xs, int64_t G,
+                            const char* pf, int pf_lines) {
   constexpr int64_t kMaxMR = 6;
   const int64_t ntiles = (M + kMaxMR - 1) / kMaxMR;
   const int64_t base = M / ntiles, extra = M % ntiles;
   int64_t m0 = 0;
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t mr = base + (t < extra ? 1 : 0);
-    if (t == 0) dot_tile_mr<D>(mr, w, codes, ntiles > 1, np, xp, ldp, total, s, pf, pf_lines);
-    else dot_tile_mr<void>(mr, w, nullptr, false, np, xp + m0, ldp, total + m0 * kBlockN, s, nullptr, 0);
+    if (t == 0) dot_tile_mr<D>(mr, w, codes, ntiles > 1, np, xp, ldp, total, s, zc, xs, G, pf, pf_lines);
+    else dot_tile_mr<void>(mr, w, nullptr, false, np, xp + m0, ldp, total + m0 * kBlockN, s, zc, xs + m0 * G, G,
+                           nullptr, 0);
     m0 += mr;
   }
 }
@@ -436,22 +448,18 @@ void small_m_bf16_tiled(const GemmArgs& a, int64_t b0, int64_t b1, float* total,
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
       if (k1 <= k0) continue;
+      // total += s * (sum x (q + cb) - (z + cb) sum x), chunk by chunk; the zero-point term goes with the
+      // group's first chunk.
+      __m512 s[kV], zc[kV];
+      for (int v = 0; v < kV; ++v) {
+        s[v] = load_scale_vec(a, b, g, v);
+        zc[v] = load_zc_vec(a, b, g, v, D::kCodeBias);
+      }
       for (int64_t c0 = k0; c0 < k1; c0 += 2 * kChunk) {
         const int64_t np = min64(kChunk, (k1 - c0) / 2);
         const uint8_t* cc = cb + (c0 / 2) * D::kPairBytes;
-        // total += s * sum x (q + cb), chunk by chunk ...
-        __m512 s[kV];
-        for (int v = 0; v < kV; ++v) s[v] = load_scale_vec(a, b, g, v);
-        dot_rows<D>(scratch, cc, np, a.xp + (c0 / 2) * M, M, M, total, s,
+        dot_rows<D>(scratch, cc, np, a.xp + (c0 / 2) * M, M, M, total, s, c0 == k0 ? zc : nullptr, a.xsum + g, G,
                     reinterpret_cast<const char*>(cc + np * D::kPairBytes), D::kPairBytes / 64);
-      }
-      // ... and - s (z + cb) sum x once per group.
-      for (int v = 0; v < kV; ++v) {
-        const __m512 szc = _mm512_mul_ps(load_scale_vec(a, b, g, v), load_zc_vec(a, b, g, v, D::kCodeBias));
-        for (int64_t m = 0; m < M; ++m) {
-          float* t = total + m * kBlockN + 16 * v;
-          _mm512_storeu_ps(t, _mm512_fnmadd_ps(szc, _mm512_set1_ps(a.xsum[m * G + g]), _mm512_loadu_ps(t)));
-        }
       }
     }
     store_block(a, b, total);
