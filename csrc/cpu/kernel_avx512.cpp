@@ -5,9 +5,10 @@
 // without it. No torch header and no std:: function template is used in here (ODR note in kernel.h).
 //
 // WHY IT IS SHAPED THIS WAY (numbers from the 2-core AMD EPYC Zen 4 this was tuned on)
-// * M = 1 is a pure stream: ~20 GB/s of DRAM for ~3.5 GHz x 2 cores means 2 int8 weights (4 int4
-//   weights) per core-cycle at the floor. The decode below costs 6 vector ops per 32 int8 weights and
-//   ~13 per 128 int4 weights, far inside that budget, so M = 1 is memory bound as it should be.
+// * M = 1 is a stream: every code byte is read once. The decode is not free, though: with the codes in
+//   cache one core decodes and multiplies int8 at ~22-24 GB/s (5 conversion uops per 32 weights), so
+//   two cores only just outrun DRAM; the direct kernels prefetch well ahead, and from DRAM M = 1 runs at
+//   1.04-1.4x the floor depending on the host's bandwidth (docs/cpu-kernel.md).
 // * Small M > 1 reuses each decoded weight vector for MR activation rows held in registers. The cost is
 //   then the multiply-adds: fp32 FMA does 16 MACs/instruction, vdpbf16ps 32. So bf16 activations use
 //   vdpbf16ps on (k, k+1) pairs, which needs the weights as exact BF16 pairs: 8-bit codes go through
