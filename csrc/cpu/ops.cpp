@@ -142,11 +142,11 @@ Config& config() {
 
 bool brgemm_works();  // large-M section below
 bool brgemm_on(const Config& cfg);
-int64_t small_m_max_bf16(const Config& cfg);
+int64_t small_m_max_bf16(const Config& cfg, bool brgemm);
 
 std::string describe(const Config& c) {
   return std::string("isa=") + isa_name(c.isa) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
-         " small_m_max_bf16=" + std::to_string(small_m_max_bf16(c)) +
+         " small_m_max_bf16=" + std::to_string(small_m_max_bf16(c, brgemm_on(c))) +
          " small_m_max_f32=" + std::to_string(c.small_m_max_f32) +
          " w8a8=" + (c.w8a8 ? (c.vnni ? "1" : "1(no-vnni:off)") : "0") +
          " brgemm=" + (!c.brgemm ? "0" : !c.bf16_dot ? "1(no-bf16:off)" : brgemm_works() ? "1" : "1(no-ukernel:off)") +
@@ -516,8 +516,9 @@ void dequant_blocks_t_bf16(const Packed& p, int64_t b0, int64_t b1, at::Tensor& 
 constexpr int64_t kBrgemmK = 1024;   // padded rows per dequantized tile: 128 KiB of BF16 per block
 constexpr int64_t kBrgemmM = 512;    // most activation rows per brgemm call
 
-int64_t small_m_max_bf16(const Config& cfg) {  // the "by path" default: see Config
-  return cfg.small_m_max_bf16 >= 0 ? cfg.small_m_max_bf16 : brgemm_on(cfg) ? 48 : 192;
+// The "by path" default (see Config); `brgemm` = brgemm_on(cfg), which the caller has already decided.
+int64_t small_m_max_bf16(const Config& cfg, bool brgemm) {
+  return cfg.small_m_max_bf16 >= 0 ? cfg.small_m_max_bf16 : brgemm ? 48 : 192;
 }
 
 // Rows for the next brgemm call: kBrgemmM, else the largest power of two <= the rows left. ATen keeps
@@ -690,8 +691,8 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
     cfg = config();
   }
   const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
-  const bool brgemm = x2.scalar_type() == at::kBFloat16 && brgemm_on(cfg);
-  if (M <= (dot ? small_m_max_bf16(cfg) : cfg.small_m_max_f32)) run_small_m(cfg, x2, p, bias, out2);
+  const bool brgemm = dot && brgemm_on(cfg);  // brgemm_on implies bf16_dot
+  if (M <= (dot ? small_m_max_bf16(cfg, brgemm) : cfg.small_m_max_f32)) run_small_m(cfg, x2, p, bias, out2);
   else if (brgemm) run_large_m_brgemm(x2, p, bias, out2);
   else run_large_m(cfg, x2, p, bias, out2);
 }
