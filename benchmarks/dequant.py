@@ -100,8 +100,8 @@ def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: floa
     """Median seconds per call of each method, timed in interleaved rounds: {name: (median, calls)}.
 
     ``methods`` maps a name to ``(fn, copies, mode)``: ``fn(i)`` runs on copy ``i`` (copies in rotation,
-    so consecutive calls of one method read different weights), ``mode`` is a context manager factory
-    entered around each call (the W8A8 switch) or None. One round calls every method once, in turn, so
+    so consecutive calls of one method read different weights), ``mode`` is a context manager entered
+    around each call, outside the timer (the W8A8 switch). One round calls every method once, in turn, so
     a change in the machine's load or memory bandwidth -- large on shared hosts -- hits every method
     alike and the ratios between them hold; timing the methods one after another let a noisy minute
     move one column by 30%. Rounds continue to at least ``repeats`` and every copy of every method,
@@ -109,12 +109,7 @@ def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: floa
     """
     def call(name, i):
         fn, copies, mode = methods[name]
-        if mode is None:
-            t0 = time.perf_counter()
-            fn(i % copies)
-            sync()
-            return time.perf_counter() - t0
-        with mode():
+        with mode:
             t0 = time.perf_counter()
             fn(i % copies)
             sync()
@@ -187,7 +182,7 @@ W8A8_MIN_M = 5  # the opt-in int8-activation kernel runs from this M (kTiledMinM
 
 
 class w8a8_mode:
-    """Switch the CPU kernel's opt-in int8-activation mode on for a block (no-op when off)."""
+    """Switch the CPU kernel's opt-in int8-activation mode on for a block (no-op when off; reusable)."""
 
     def __init__(self, on: bool):
         self.on = on
@@ -291,11 +286,12 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
         for name, (copies, make) in methods.items():
             if name == "ref" or (name == "w8a8" and m < W8A8_MIN_M):
                 continue
-            timed[name] = (make(x), copies, (lambda: w8a8_mode(True)) if name == "w8a8" else None)
+            timed[name] = (make(x), copies, w8a8_mode(name == "w8a8"))
         results = time_interleaved(timed, sync, args.repeats, args.budget)
         if "ref" in methods and m <= args.ref_max_m:  # slow: timed on its own, a few calls
             copies, make = methods["ref"]
-            results["ref"] = time_interleaved({"ref": (make(x), copies, None)}, sync, 2, args.budget / 4)["ref"]
+            results["ref"] = time_interleaved({"ref": (make(x), copies, w8a8_mode(False))}, sync, 2,
+                                              args.budget / 4)["ref"]
         for name, (sec, calls) in results.items():
             if name == "floor":
                 p.floor_ms = sec * 1e3
