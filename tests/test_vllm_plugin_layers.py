@@ -113,6 +113,15 @@ def load(layer, name: str, tensor: torch.Tensor, shard=None) -> None:
         param.weight_loader(param, tensor, shard)
 
 
+def replicated_layer(spec: fmt.QuantSpec, t: dict, k: int, n: int, *, bias: bool):
+    """A single-rank ReplicatedLinear with the GPTQ tensors `t` loaded, not yet processed."""
+    with tp_rank(0, 1):
+        layer = vlinear.ReplicatedLinear(k, n, bias=bias, quant_config=quant_config(spec), prefix="blk.fc")
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        load(layer, name, t[name])
+    return layer
+
+
 def run_layer(kind: str, spec: fmt.QuantSpec, tp: int, backend: str, monkeypatch, *, seed: int = 0,
               shards_differ: bool = False, with_g_idx: bool = True, m: int = 3):
     """Build/load/apply ``kind`` on every rank; return (combined output, x @ W reference, layers)."""
@@ -272,10 +281,7 @@ def test_bias_is_added_once(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "reference")
     spec = fmt.QuantSpec(4, 32, True, False, "gptq")
     t = random_gptq(128, 96, spec, 3)
-    with tp_rank(0, 1):
-        layer = vlinear.ReplicatedLinear(128, 96, bias=True, quant_config=quant_config(spec), prefix="blk.fc")
-    for name in ("qweight", "qzeros", "scales", "g_idx"):
-        load(layer, name, t[name])
+    layer = replicated_layer(spec, t, 128, 96, bias=True)
     layer.bias.data.copy_(torch.randn(96))
     layer.quant_method.process_weights_after_loading(layer)
     x = torch.randn(2, 128)
@@ -407,10 +413,7 @@ def test_opaque_op_under_torch_compile(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "reference")
     spec = fmt.QuantSpec(4, 32, False, True, "gptq")
     t = random_gptq(128, 96, spec, 8)
-    with tp_rank(0, 1):
-        layer = vlinear.ReplicatedLinear(128, 96, bias=False, quant_config=quant_config(spec), prefix="blk.fc")
-    for name in ("qweight", "qzeros", "scales", "g_idx"):
-        load(layer, name, t[name])
+    layer = replicated_layer(spec, t, 128, 96, bias=False)
     layer.quant_method.process_weights_after_loading(layer)
     assert not layer.quant_method.parts[0].compile_safe
     calls = []
