@@ -163,14 +163,10 @@ import tempfile
 import time
 import traceback
 
-from pydoc_tokenizer import encode_stream, train_bpe_tokenizer  # tools/ is on sys.path when run
+from gptqmodel_env import use_cpu_gptqmodel  # tools/ is on sys.path when run
+from pydoc_tokenizer import encode_stream, train_bpe_tokenizer
 
-# Must be set before gptqmodel (and ideally torch) are imported.
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+use_cpu_gptqmodel()  # before gptqmodel (and ideally torch) is imported
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB_SIZE = 1024

@@ -55,15 +55,12 @@ import sys
 import tempfile
 import time
 
-# Must be set before gptqmodel (and ideally torch) are imported.
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gptqmodel_env import use_cpu_gptqmodel  # noqa: E402
+
+use_cpu_gptqmodel()  # before gptqmodel (and ideally torch) is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import train_demo_model as tdm  # noqa: E402  (stdlib-only at import time)
 
 QUANT = dict(bits=8, group_size=128, sym=True, desc_act=False, format="gptq", lm_head=False)
@@ -127,25 +124,6 @@ def compare(base_logits, q_logits, windows):
             "tokens": n}
 
 
-def greedy(model, tokenizer, prompts, max_new_tokens):
-    import torch
-    out = {}
-    with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               max_new_tokens=max_new_tokens, do_sample=False)
-            out[p] = tokenizer.decode(g[0, ids.shape[1]:], skip_special_tokens=False)
-        msgs = [{"role": "system", "content": tdm.SYSTEM_PROMPT},
-                {"role": "user", "content": "What is the \"for\" statement?"}]
-        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        g = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                           max_new_tokens=50, do_sample=False)
-        out["<chat> What is the \"for\" statement?"] = tokenizer.decode(
-            g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="models/qwen3-pydoc")
@@ -200,7 +178,7 @@ def main(argv=None):
     windows = heldout_windows(tokenizer, base, args.calib_len)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     b_logits = logits_of(base_model, windows)
-    b_samples = greedy(base_model, tokenizer, tdm.SAMPLE_PROMPTS, args.max_new_tokens)
+    b_samples = tdm.greedy(base_model, tokenizer, tdm.SAMPLE_PROMPTS, args.max_new_tokens)
     results = {}
     deq = None
     # GPTQModel's TORCH kernel runs in float16 or bfloat16 only (float32 raises ValueError);
@@ -215,7 +193,7 @@ def main(argv=None):
             with torch.no_grad():
                 deq = {n: m.dequantize_weight().float().t().contiguous() for n, m in qmods.items()}
         q_logits = logits_of(hf_q, windows)
-        samples = greedy(hf_q, tokenizer, tdm.SAMPLE_PROMPTS, args.max_new_tokens)
+        samples = tdm.greedy(hf_q, tokenizer, tdm.SAMPLE_PROMPTS, args.max_new_tokens)
         results[label] = {"heldout": compare(b_logits, q_logits, windows), "greedy": samples}
         del qmodel, hf_q, q_logits
     # weight error only: the float32 base with every quantized Linear replaced by GPTQModel's
@@ -227,7 +205,7 @@ def main(argv=None):
             assert lin.weight.shape == w.shape, (n, lin.weight.shape, w.shape)
             lin.weight.copy_(w)
     results["dequantized_fp32"] = {"heldout": compare(b_logits, logits_of(wq, windows), windows),
-                                   "greedy": greedy(wq, tokenizer, tdm.SAMPLE_PROMPTS, args.max_new_tokens)}
+                                   "greedy": tdm.greedy(wq, tokenizer, tdm.SAMPLE_PROMPTS, args.max_new_tokens)}
     del wq
     for p in b_samples:
         log(f"base            {p!r} -> {b_samples[p]!r}")

@@ -195,24 +195,33 @@ def windows_of(ids, seq):
     return torch.tensor(ids[: n * seq], dtype=torch.long).view(n, seq)
 
 
+def greedy(model, tokenizer, prompts, max_new_tokens):
+    """Greedy continuations of each prompt, plus one chat turn ("<chat> ..." key) with SYSTEM_PROMPT.
+    Shared with tools/quantize_demo_model.py, which runs it on the base and the quantized model."""
+    import torch
+    out = {}
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=max_new_tokens, do_sample=False)
+            out[p] = tokenizer.decode(g[0, ids.shape[1]:], skip_special_tokens=False)
+        msgs = [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": "What is the \"for\" statement?"}]
+        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        g = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                           max_new_tokens=50, do_sample=False)
+        out["<chat> What is the \"for\" statement?"] = tokenizer.decode(
+            g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
 def greedy_samples(model_dir, prompts, max_new_tokens=40):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = {}
-    with torch.no_grad():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt", add_special_tokens=False)
-            g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-            out[p] = tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": "What is the \"for\" statement?"}]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        g = model.generate(**ids, max_new_tokens=50, do_sample=False)
-        out["<chat> What is the \"for\" statement?"] = tok.decode(
-            g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
+    return greedy(model, tok, prompts, max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- main
