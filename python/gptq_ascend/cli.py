@@ -95,8 +95,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM -> the same clean-up path as Ctrl-C
+_interrupted = False
+
+
+def _raise_interrupt(signum, frame) -> None:
+    # SIGTERM takes the same clean-up path as Ctrl-C. The flag is kept because a KeyboardInterrupt
+    # raised while native code (safetensors, torch) is calling back into Python can be swallowed and
+    # resurface as an unrelated error, e.g. "could not determine the shape of object type".
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
+
+
+def _install_interrupt_handlers() -> None:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # keep SIGINT ignored if it is
+        signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,18 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _install_interrupt_handlers()
     runners = {"convert": _run_convert, "inspect": _run_inspect}
     try:
         if args.command in runners:
             return runners[args.command](args)
         return args.run(args)
-    except GPTQAscendError as e:
-        print(f"gptq-ascend {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"gptq-ascend {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Exception) as e:
+        if isinstance(e, KeyboardInterrupt) or _interrupted:
+            print(f"gptq-ascend {args.command}: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        if isinstance(e, GPTQAscendError):
+            print(f"gptq-ascend {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
