@@ -42,7 +42,7 @@ def _isas() -> list[str]:
     if not _OK:
         return []
     out = []
-    for isa in ("avx512", "avx2", "generic"):
+    for isa in ("avx512vbmi", "avx512", "avx2", "generic"):
         try:
             cpu_mod.kernel_config(isa)
             out.append(isa)
@@ -154,6 +154,32 @@ def test_gemm_and_dequant_match_float64(cfg, isa_config):
                     assert err <= REL_TOL[dt], \
                         f"{isa} {dt} M={m} small_m_max={small_m_max}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
         isa_config("reset")
+
+
+@pytest.mark.parametrize("m", (1, 2, 4, 9))
+def test_every_int8_code_decodes_exactly(m, isa_config):
+    """Each small-M decoder (fp32 conversion, VBMI byte tables, tiles) on all 256 codes, exactly: unit
+    scales, z = 128 and one-hot BF16 rows make y[r] = q[k_r] - 128, an integer BF16 holds exactly, so
+    a single wrong table entry or lane shows up as an inequality, not as noise inside a tolerance."""
+    k, n = 256, 256
+    q = (torch.arange(k)[:, None] + torch.arange(n)[None, :]) % 256  # every code in every row and column
+    spec = fmt.QuantSpec(8, 128, True, False, "gptq")
+    z = torch.full((2, n), 128, dtype=torch.int64)
+    t = fmt.GPTQTensors(fmt.pack(q, 8, 0), fmt.pack_zeros(z, spec), torch.ones(2, n, dtype=torch.float16),
+                        (torch.arange(k) // 128).to(torch.int32))
+    p = BACKEND.repack(t, spec, k).tensors
+    rows = torch.randperm(k, generator=torch.Generator().manual_seed(m))
+    for isa in ISAS:
+        isa_config(isa)
+        for r0 in range(0, k, m):
+            ks = rows[r0:r0 + m]
+            x = torch.zeros(len(ks), k, dtype=torch.bfloat16)
+            x[torch.arange(len(ks)), ks] = 1
+            y = torch.full((len(ks), n), float("nan"), dtype=torch.bfloat16)
+            torch.ops.gptq_ascend.cpu_gemm.out(x, p["codes"], p["scales"], p.get("zeros"), p["row_map"],
+                                               p["group_ptr"], None, 8, float(spec.sym_zero), k, n, out=y)
+            assert torch.equal(y, (q[ks] - 128).to(torch.bfloat16)), f"{isa} M={len(ks)} rows {ks.tolist()}"
+    isa_config("reset")
 
 
 @pytest.mark.parametrize("bits", (8, 4))
@@ -411,7 +437,8 @@ def test_out_variant_errors(small_packed):
 
 
 def test_config_errors():
-    with pytest.raises(RuntimeError, match="unknown isa 'sse9'; expected one of auto, avx512, avx2, generic"):
+    with pytest.raises(RuntimeError,
+                       match="unknown isa 'sse9'; expected one of auto, avx512vbmi, avx512, avx2, generic"):
         cpu_mod.kernel_config("sse9")
     with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16, float16 or float64"):
         t, spec, _ = make_layer(64, 64, 8, 32, True, False, "gptq")

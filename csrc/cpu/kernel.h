@@ -117,6 +117,11 @@ bool dequant_t_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
 // block b's column n at (b - b_origin) * 64 + n. Needs AVX512-BF16.
 bool dequant_vnni_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
 }  // namespace avx512
+namespace avx512_vbmi {
+// The direct int8 x BF16 kernel (bits == 8, M < kTiledMinM, bf16 dot) with the AVX512-VBMI decode.
+// Returns false for any other call. Needs AVX512-BF16 and AVX512-VBMI.
+bool small_m_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1);
+}  // namespace avx512_vbmi
 namespace avx2 {
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1);
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);

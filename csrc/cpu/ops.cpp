@@ -45,6 +45,9 @@ enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2 };
 struct Config {
   Isa isa = Isa::Generic;
   bool bf16_dot = false;  // AVX512-BF16 present: bf16 activations use vdpbf16ps
+  // isa "avx512vbmi": the AVX-512 kernels, and int8 x BF16 at M < kTiledMinM with the VBMI byte-table
+  // decode (kernel_avx512_vbmi.cpp). The default where the CPU has AVX512-VBMI and AVX512-BF16.
+  bool vbmi = false;
   // Largest M the fused kernel takes; above it the large-M paths run. Picked by measurement
   // (docs/cpu-kernel.md, 2-core Zen 4, interleaved with dense, int8 Qwen3-1.7B layers). The fused
   // kernel does the multiply-adds itself at 16 (fp32 FMA) or 32 (vdpbf16ps) MACs per instruction from
@@ -77,6 +80,7 @@ bool cpu_has(const char* feature) {
   }
   if (!std::strcmp(feature, "avx512bf16")) return __builtin_cpu_supports("avx512bf16");
   if (!std::strcmp(feature, "avx512vnni")) return __builtin_cpu_supports("avx512vnni");
+  if (!std::strcmp(feature, "avx512vbmi")) return __builtin_cpu_supports("avx512vbmi");
   if (!std::strcmp(feature, "avx2")) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
@@ -86,9 +90,9 @@ bool cpu_has(const char* feature) {
   return false;
 }
 
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512: return "avx512";
+const char* isa_name(const Config& c) {
+  switch (c.isa) {
+    case Isa::Avx512: return c.vbmi ? "avx512vbmi" : "avx512";
     case Isa::Avx2: return "avx2";
     default: return "generic";
   }
@@ -102,8 +106,16 @@ Isa best_isa() {
 
 // Set the ISA by name; TORCH_CHECKs that this CPU can run it.
 void set_isa(Config& c, const std::string& name) {
+  const bool vbmi_ok = cpu_has("avx512vbmi") && cpu_has("avx512bf16");
+  bool vbmi = false;
   if (name == "auto") {
     c.isa = best_isa();
+    vbmi = c.isa == Isa::Avx512 && vbmi_ok;
+  } else if (name == "avx512vbmi") {
+    TORCH_CHECK(avx512_compiled() && cpu_has("avx512") && vbmi_ok,
+                "gptq_ascend cpu: isa 'avx512vbmi' requested but this CPU lacks AVX-512 F/BW/VL/DQ, VBMI or BF16");
+    c.isa = Isa::Avx512;
+    vbmi = true;
   } else if (name == "avx512") {
     TORCH_CHECK(avx512_compiled() && cpu_has("avx512"),
                 "gptq_ascend cpu: isa 'avx512' requested but this CPU lacks AVX-512 F/BW/VL/DQ");
@@ -115,8 +127,10 @@ void set_isa(Config& c, const std::string& name) {
   } else if (name == "generic") {
     c.isa = Isa::Generic;
   } else {
-    TORCH_CHECK(false, "gptq_ascend cpu: unknown isa '", name, "'; expected one of auto, avx512, avx2, generic");
+    TORCH_CHECK(false, "gptq_ascend cpu: unknown isa '", name,
+                "'; expected one of auto, avx512vbmi, avx512, avx2, generic");
   }
+  c.vbmi = vbmi;
   c.bf16_dot = c.isa == Isa::Avx512 && cpu_has("avx512bf16");
   c.vnni = c.isa == Isa::Avx512 && cpu_has("avx512vnni");
 }
@@ -145,7 +159,7 @@ bool brgemm_on(const Config& cfg);
 int64_t small_m_max_bf16(const Config& cfg, bool brgemm);
 
 std::string describe(const Config& c) {
-  return std::string("isa=") + isa_name(c.isa) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
+  return std::string("isa=") + isa_name(c) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
          " small_m_max_bf16=" + std::to_string(small_m_max_bf16(c, brgemm_on(c))) +
          " small_m_max_f32=" + std::to_string(c.small_m_max_f32) +
          " w8a8=" + (c.w8a8 ? (c.vnni ? "1" : "1(no-vnni:off)") : "0") +
@@ -415,6 +429,7 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   for (int64_t g = 0; g <= p.G && quads; ++g) quads = p.group_ptr.data_ptr<int32_t>()[g] % 4 == 0;
   const bool w8a8 = cfg.w8a8 && cfg.vnni && p.bits == 8 && M >= kTiledMinM && quads;
   const bool tiled = cfg.isa == Isa::Avx512 && M >= kTiledMinM;
+  const bool vbmi_direct = cfg.vbmi && dot && !tiled && p.bits == 8;
   const XLayout layout = w8a8 ? XLayout::Int8Quads
                          : dot ? (tiled ? XLayout::Bf16Pairs : XLayout::Bf16Rows)
                                : (tiled ? XLayout::F32KMajor : XLayout::F32Rows);
@@ -448,7 +463,11 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   parallel_blocks(p.nblk, [&](int64_t b0, int64_t b1) {
     bool r;
     switch (isa) {
-      case Isa::Avx512: r = w8a8 ? avx512::small_m_w8a8(a, b0, b1) : avx512::small_m(a, b0, b1, dot); break;
+      case Isa::Avx512:
+        r = w8a8          ? avx512::small_m_w8a8(a, b0, b1)
+            : vbmi_direct ? avx512_vbmi::small_m_i8_bf16(a, b0, b1)
+                          : avx512::small_m(a, b0, b1, dot);
+        break;
       case Isa::Avx2: r = avx2::small_m(a, b0, b1); break;
       default: r = generic::small_m(a, b0, b1); break;
     }

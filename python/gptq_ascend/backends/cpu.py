@@ -179,13 +179,14 @@ class CPUBackend(Backend):
 
 def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32: int | None = None,
                   w8a8: bool | None = None, brgemm: bool | None = None) -> str:
-    """Read (and optionally set) the kernel's ISA ("auto", "avx512", "avx2", "generic"; "reset" restores
-    every setting to its start-up value, environment included, before the other arguments apply), the largest M
+    """Read (and optionally set) the kernel's ISA ("auto" = the first of "avx512vbmi", "avx512", "avx2",
+    "generic" this CPU runs; "avx512vbmi" is "avx512" with a VBMI decode for int8 x BF16 at M <= 4; "reset"
+    restores every setting to its start-up value, environment included, before the other arguments apply), the largest M
     the fused path takes (``small_m_max`` for both paths; ``small_m_max_f32`` then overrides the one for
     fp32/fp16 activations) and the opt-in int8-activation mode for 8-bit layers (``w8a8``; changes the
     numerics, see docs/cpu-kernel.md) and whether large-M bf16 calls go through oneDNN's brgemm
     micro-kernel (``brgemm``, default on; off = dequantized tiles into ATen's GEMM). Returns e.g.
-    ``isa=avx512 bf16_dot=1 small_m_max_bf16=48 small_m_max_f32=256 w8a8=0 brgemm=1 threads=2``
+    ``isa=avx512vbmi bf16_dot=1 small_m_max_bf16=48 small_m_max_f32=256 w8a8=0 brgemm=1 threads=2``
     (the bf16 switch-over defaults to 48 with brgemm and 192 without).
     Environment: ``GPTQ_ASCEND_CPU_ISA``, ``GPTQ_ASCEND_CPU_SMALL_M_MAX``, ``GPTQ_ASCEND_CPU_W8A8``,
     ``GPTQ_ASCEND_CPU_BRGEMM``.
