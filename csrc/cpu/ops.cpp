@@ -314,6 +314,29 @@ void row_to_f32(const T* xm, const Packed& p, bool identity, float* v) {
   }
 }
 
+// Sum and max|.| of v[0, n) with eight independent partial results. One running sum is a chain of
+// dependent adds (~4 cycles each) that the compiler may not reorder: at M = 16, K = 2048, one thread,
+// the op's fixed cost went from ~57 to ~44 us with this (N = 64; the whole op is 370 us at N = 1024).
+inline float sum8(const float* v, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += v[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += v[i];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+inline float absmax8(const float* v, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] = std::max(acc[j], std::fabs(v[i + j]));
+  for (int j = 0; i < n; ++i, ++j) acc[j] = std::max(acc[j], std::fabs(v[i]));
+  float m = 0.f;
+  for (float a : acc) m = std::max(m, a);
+  return m;
+}
+
 struct XBuffers {
   std::vector<float> f32, xsum, xscale;
   std::vector<uint16_t> b16;
@@ -346,20 +369,14 @@ void gather_x(const T* x, int64_t M, const Packed& p, XLayout layout, XBuffers& 
       for (int64_t g = 0; g < G; ++g) {
         const int64_t i0 = gp[g], i1 = gp[g + 1];
         if (layout == XLayout::Int8Quads) {
-          float amax = 0.f;
-          for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(v[i]));
+          const float amax = absmax8(v + i0, i1 - i0);
           const float inv = amax > 0.f ? 127.f / amax : 0.f;
-          float qs = 0.f;
-          for (int64_t i = i0; i < i1; ++i) {  // |v * inv| <= 127: clamping only guards rounding
+          for (int64_t i = i0; i < i1; ++i)  // |v * inv| <= 127: clamping only guards rounding
             v[i] = std::min(127.f, std::max(-127.f, round_even(v[i] * inv)));
-            qs += v[i];
-          }
           out.xscale[m * G + g] = amax / 127.f;
-          out.xsum[m * G + g] = qs;  // exact: integers
+          out.xsum[m * G + g] = sum8(v + i0, i1 - i0);  // exact: integers
         } else {
-          float s = 0.f;
-          for (int64_t i = i0; i < i1; ++i) s += v[i];
-          out.xsum[m * G + g] = s;
+          out.xsum[m * G + g] = sum8(v + i0, i1 - i0);
         }
       }
       switch (layout) {
