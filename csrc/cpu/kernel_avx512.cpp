@@ -422,7 +422,12 @@ ALWAYS_INLINE void dpbusd_bcast(__m512& acc, __m512i w, const int32_t* x) {
 // first tile lets the conversions overlap its dot products; as a phase of its own before the tiles it
 // cost ~17% of the time at M = 16 (the conversions and the dot products use different ports). The
 // first tile also prefetches the NEXT chunk's codes, `pf_lines` cache lines per k-pair (decoding and
-// multiplying without it left memory idle: ~45% of the first version's time was stalls).
+// multiplying without it left memory idle: ~45% of the first version's time was stalls), into L2
+// (prefetcht1), not L1: the first tile issues a whole chunk of prefetches (8 KiB for int8) in about a
+// third of the chunk's time, more misses than L1 keeps in flight, and with T0 they backed up into its
+// loads. T1 vs T0, 2 threads, weights from DRAM: int8 M=8 -8..-17%, M=16 -4..-11% time. Two or four
+// chunks ahead: no better (-5..+7%). The direct kernels (M <= 4) and the fp32 tiles showed no
+// difference either way (+-4%) and keep T0.
 // With `zc` set, the tile also subtracts (z + cb) * X[r, g] (xs[r * G] = X[r, g]) before scaling: the
 // group's zero-point term, applied in one chunk of the group only, costs MR * 4 fnmadds here instead of
 // a load-fnmadd-store pass over the block's totals per group.
@@ -435,7 +440,7 @@ ALWAYS_INLINE void dot_tile(__m512i* w, const uint8_t* codes, bool keep, int64_t
     for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < np; ++p) {
     if (pf) {
-      for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + (p * pf_lines + l) * 64, _MM_HINT_T0);
+      for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + (p * pf_lines + l) * 64, _MM_HINT_T1);
     }
     __m512i wv[kV];
     if constexpr (std::is_void_v<D>) {
