@@ -24,8 +24,9 @@ def cpu_extension():
     """The CPU kernel: every .cpp under csrc/cpu, one extension, runtime ISA dispatch inside.
 
     No -march flag: the AVX-512 and AVX2 kernels raise their own ISA with `#pragma GCC target` in
-    their translation units (kernel_avx512.cpp, kernel_avx2.cpp) and ops.cpp picks one at run time,
-    so the same build runs on any x86-64 (and compiles, with the portable kernel only, elsewhere).
+    their translation units (kernel_avx512.cpp, kernel_avx512_vbmi.cpp, kernel_avx2.cpp) and ops.cpp
+    picks one at run time, so the same build runs on any x86-64 (and compiles, with the portable kernel
+    only, elsewhere).
     The C++ standard is left to torch (C++20 for torch >= 2.10). -fopenmp is required: ATen's
     at::parallel_for is an inline OpenMP loop, serial if this extension is built without it.
     """

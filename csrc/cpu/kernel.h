@@ -1,5 +1,6 @@
 // gptq-ascend CPU kernel: the packed layout and the interface between the torch glue (ops.cpp) and the
-// ISA-specific kernels (kernel_avx512.cpp, kernel_avx2.cpp, kernel_generic.cpp).
+// ISA-specific kernels (kernel_avx512.cpp and its VBMI build kernel_avx512_vbmi.cpp, kernel_avx2.cpp,
+// kernel_generic.cpp).
 //
 // This header deliberately includes NO torch header. The ISA translation units are compiled with
 // `#pragma GCC target(...)`; any inline function they instantiated from a shared header (ATen's included)
