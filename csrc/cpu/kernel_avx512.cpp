@@ -754,6 +754,12 @@ void small_m_w8a8_impl(const GemmArgs& a, int64_t b0, int64_t b1, float* total) 
 
 #endif  // !GPTQ_CPU_VBMI
 
+// One block's [M][64] fp32 totals for an entry point's call (freed by it); aligned_alloc wants the size
+// rounded up to the alignment. nullptr when out of memory.
+inline float* alloc_totals(int64_t M) {
+  return static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(((M * kBlockN * 4 + 63) / 64) * 64)));
+}
+
 // ------------------------------------------------------------------------------------------------
 // The small-M driver: blocks [b0, b1), all M rows.
 // ------------------------------------------------------------------------------------------------
@@ -1029,7 +1035,7 @@ namespace avx512_vbmi {
 
 bool small_m_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (a.M >= kTiledMinM || a.bits != 8) return false;
-  float* total = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(((a.M * kBlockN * 4 + 63) / 64) * 64)));
+  float* total = alloc_totals(a.M);
   if (!total) return false;
   small_m_entry_bf16<I8Bf16>(a, b0, b1, total);
   std::free(total);
@@ -1041,7 +1047,7 @@ bool small_m_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1) {
 namespace avx512 {
 
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
-  float* total = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(((a.M * kBlockN * 4 + 63) / 64) * 64)));
+  float* total = alloc_totals(a.M);
   if (!total) return false;
   if (bf16_dot && a.M >= kTiledMinM) {
     __m512i* scratch = static_cast<__m512i*>(std::aligned_alloc(64, kChunk * kV * sizeof(__m512i)));
@@ -1073,7 +1079,7 @@ bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
 }
 
 bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
-  float* total = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(((a.M * kBlockN * 4 + 63) / 64) * 64)));
+  float* total = alloc_totals(a.M);
   if (!total) return false;
   small_m_w8a8_impl(a, b0, b1, total);
   std::free(total);
