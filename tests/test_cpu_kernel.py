@@ -38,11 +38,41 @@ REL_TOL = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+TIERS = ("avx512vbmi", "avx512bf16", "avx512", "avx2", "generic")  # best first, as the kernel ranks them
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as the kernel reports them to Linux (/proc/cpuinfo), read here
+    independently of the kernel's own detection."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+FLAGS = cpu_flags()
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
+# What each tier needs, in /proc/cpuinfo's names.
+TIER_NEEDS = {"avx512vbmi": _AVX512 and {"avx512_bf16", "avx512vbmi"} <= FLAGS,
+              "avx512bf16": _AVX512 and "avx512_bf16" in FLAGS,
+              "avx512": _AVX512, "avx2": {"avx2", "fma", "f16c"} <= FLAGS, "generic": True}
+# GPTQ_ASCEND_CPU_ISA caps the process at a tier (CI runs this module under each lower tier).
+CAP = os.environ.get("GPTQ_ASCEND_CPU_ISA", "") or "auto"
+
+
+def expected_tiers() -> list[str]:
+    """The tiers this process should be able to select, from /proc/cpuinfo and the cap alone."""
+    tiers = [t for t in TIERS if TIER_NEEDS[t]] if FLAGS else ["generic"]
+    return tiers[tiers.index(CAP):] if CAP in tiers else tiers
+
+
 def _isas() -> list[str]:
     if not _OK:
         return []
     out = []
-    for isa in ("avx512vbmi", "avx512", "avx2", "generic"):
+    for isa in TIERS:
         try:
             cpu_mod.kernel_config(isa)
             out.append(isa)
@@ -228,7 +258,13 @@ def test_large_m_paths_match_float64(cfg, brgemm, isa_config):
     packed = BACKEND.repack(t, spec, k)
     isa_config("auto", 0, 0, brgemm=brgemm)
     if brgemm:
-        assert cpu_mod.kernel_settings()["brgemm"] == "1", "oneDNN's brgemm ukernel is unusable on this machine"
+        # brgemm needs native BF16 dot products: the active tier must be avx512bf16 or better.
+        settings = cpu_mod.kernel_settings()
+        if ISAS[0] not in ("avx512vbmi", "avx512bf16"):
+            assert settings["brgemm"] == "1(no-bf16:off)", settings
+            pytest.skip(f"tier {ISAS[0]} has no native BF16 (kernel: brgemm={settings['brgemm']}): the "
+                        "gemm-tiles case covers this tier's large-M path")
+        assert settings["brgemm"] == "1", f"oneDNN's brgemm ukernel is unusable on this machine: {settings}"
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     for dt in DTYPES:
         for m in (1, 7, 300):
@@ -239,6 +275,39 @@ def test_large_m_paths_match_float64(cfg, brgemm, isa_config):
                                                p["group_ptr"], bias, bits, float(spec.sym_zero), k, n, out=out)
             err = rel_err(out, x.double() @ w + bias.double())
             assert err <= REL_TOL[dt], f"{dt} M={m} brgemm={brgemm}: relative error {err:.2e} > {REL_TOL[dt]:.0e}"
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_no_cliff_at_the_switch_overs(dt):
+    """No path switch makes a row much dearer: on the active tier, the per-row time just above each
+    switch-over (the fused kernel's direct -> tiled step at 5 rows, and fused -> large-M at this dtype's
+    small_m_max) stays within 3x of the per-row time just below it. Issue 10's cliff was 26x (bf16 at
+    M = 257 on a CPU without native BF16 took a BF16 GEMM ATen can only emulate). A generous bound on a
+    ratio taken in one process: one thread and its CPU time (a descheduled second thread on a shared
+    machine would stall a two-thread call for a whole time slice), minimum of interleaved calls."""
+    import time
+
+    k, n = 2048, 1024
+    t, spec, _ = make_layer(k, n, 8, 128, True, False, "gptq", seed=21)
+    packed = BACKEND.repack(t, spec, k)
+    s = switch_for(dt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for below in (4, s):
+            xs = {m: x_for(m, k, dt, seed=m) for m in (below, below + 1)}
+            best = {m: float("inf") for m in xs}
+            for _ in range(5):
+                for m, x in xs.items():
+                    t0 = time.thread_time()
+                    BACKEND.gemm(x, packed)
+                    best[m] = min(best[m], time.thread_time() - t0)
+            per_row = {m: best[m] / m for m in xs}
+            assert per_row[below + 1] <= 3 * per_row[below], (
+                f"{ISAS[0]} {dt}: M={below + 1} costs {per_row[below + 1] * 1e3:.3f} ms/row, M={below} "
+                f"{per_row[below] * 1e3:.3f} ms/row ({cpu_mod.kernel_config()})")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("bits", (8, 4))
@@ -436,9 +505,26 @@ def test_out_variant_errors(small_packed):
         torch.ops.gptq_ascend.cpu_gemm.out(**a, out=torch.empty(64, 2).t())
 
 
+def test_tiers_are_what_this_cpu_and_cap_allow(isa_config):
+    """The kernel selects exactly the tiers /proc/cpuinfo (read here) and GPTQ_ASCEND_CPU_ISA allow,
+    "auto" is the best of them, and each refusal names what is missing."""
+    assert ISAS == expected_tiers(), (ISAS, FLAGS & {"avx2", "avx512f", "avx512_bf16", "avx512vbmi"}, CAP)
+    s = cpu_mod.kernel_settings()
+    assert s["isa"] == ISAS[0]
+    assert s["bf16_dot"] == ("1" if ISAS[0] in ("avx512vbmi", "avx512bf16") else "0")
+    assert s["large_m_bf16"] == ("brgemm" if s["bf16_dot"] == "1" else "fp32")
+    assert s["cap"] == ("none" if CAP == "auto" else CAP)
+    for tier in TIERS:
+        if tier in ISAS:
+            continue
+        why = "caps this process" if TIER_NEEDS[tier] else "this CPU lacks"
+        with pytest.raises(RuntimeError, match=f"isa '{tier}' requested but .*{why}"):
+            cpu_mod.kernel_config(tier)
+
+
 def test_config_errors():
     with pytest.raises(RuntimeError,
-                       match="unknown isa 'sse9'; expected one of auto, avx512vbmi, avx512, avx2, generic"):
+                       match="unknown isa 'sse9'; expected one of auto, avx512vbmi, avx512bf16, avx512, avx2, generic"):
         cpu_mod.kernel_config("sse9")
     with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16, float16 or float64"):
         t, spec, _ = make_layer(64, 64, 8, 32, True, False, "gptq")

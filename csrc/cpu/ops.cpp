@@ -38,38 +38,22 @@ namespace gptq_cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------
-// ISA selection and tunables
+// ISA tiers, the per-tier tuning table, cache sizes
 // ---------------------------------------------------------------------------------------------------
+// The kernels come in three instruction sets (Isa); a tier is an Isa plus the optional extensions it may
+// use. Tiers, best first (a tier runs on any CPU that has its features):
+//   avx512vbmi  AVX-512 F/BW/VL/DQ + BF16 + VBMI (Zen 4, Sapphire Rapids): VBMI byte-table int8 decode
+//   avx512bf16  AVX-512 F/BW/VL/DQ + BF16 (Cooper Lake): vdpbf16ps, brgemm large M
+//   avx512      AVX-512 F/BW/VL/DQ (Skylake-SP, Cascade Lake, Ice Lake): fp32 FMA kernels; bf16
+//               activations are widened to fp32
+//   avx2        AVX2 + FMA + F16C (Haswell .. Zen 3)
+//   generic     the portable C++ at the baseline ISA
+// VNNI (the opt-in W8A8 mode) is used by every AVX-512 tier where the CPU has it.
+// GPTQ_ASCEND_CPU_ISA=<tier> caps the process at that tier: "auto" then means the best tier up to it, and
+// asking for a higher one is an error. So one machine runs every lower tier's code (tests, CI, A/Bs).
 enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2 };
-
-struct Config {
-  Isa isa = Isa::Generic;
-  bool bf16_dot = false;  // AVX512-BF16 present: bf16 activations use vdpbf16ps
-  // isa "avx512vbmi": the AVX-512 kernels, and int8 x BF16 at M < kTiledMinM with the VBMI byte-table
-  // decode (kernel_avx512_vbmi.cpp). The default where the CPU has AVX512-VBMI and AVX512-BF16.
-  bool vbmi = false;
-  // Largest M the fused kernel takes; above it the large-M paths run. Picked by measurement
-  // (docs/cpu-kernel.md, 2-core Zen 4, interleaved with dense, int8 Qwen3-1.7B layers). The fused
-  // kernel does the multiply-adds itself at 16 (fp32 FMA) or 32 (vdpbf16ps) MACs per instruction from
-  // one cheap decode per weight (no scale); the large-M paths apply the scale while dequantizing and
-  // hand the tile to oneDNN, whose register blocking runs closer to peak. With bf16 activations and the
-  // brgemm path, fused vs brgemm: M=32 0.81-4.62 vs 0.91-5.35 ms, M=48 1.18-6.63 vs 1.25-7.17 ms,
-  // M=64 qkv 3.04 vs 3.06, down 4.88 vs 4.40 ms -> 48. Without brgemm (run_large_m, dequantized tiles
-  // into ATen's GEMM, ~0.2 ns per weight more) the switch is at M=192 (int8 K=2048 N=4096, one core:
-  // M=128 11.5 vs 13.0 ms, M=192 17.6 vs 17.7 ms). fp32/fp16 activations use ATen's fp32 GEMM, half
-  // as fast as BF16: the fused kernel still wins at M=256 (44.9 vs 50.9 ms).
-  // small_m_max_bf16 < 0 means "by path": 48 with brgemm, 192 without.
-  int64_t small_m_max_bf16 = -1;
-  int64_t small_m_max_f32 = 256;
-  // Opt-in: 8-bit layers with kTiledMinM <= M <= small_m_max quantize x to int8 per row and group and
-  // use AVX512-VNNI (twice the multiply rate of vdpbf16ps). Changes the numerics (x is rounded to
-  // 8 bits), so it is off unless asked for (GPTQ_ASCEND_CPU_W8A8=1 or cpu_kernel_config).
-  bool w8a8 = false;
-  bool vnni = false;  // the CPU has AVX512-VNNI (and the AVX-512 kernels are selected)
-  // Large M with bf16 activations through oneDNN's brgemm micro-kernel (run_large_m_brgemm); off ->
-  // dequantized tiles into ATen's GEMM (run_large_m). GPTQ_ASCEND_CPU_BRGEMM=0 or cpu_kernel_config.
-  bool brgemm = true;
-};
+enum class Tier { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Avx512Vbmi = 4 };
+constexpr const char* kTierNames[] = {"generic", "avx2", "avx512", "avx512bf16", "avx512vbmi"};
 
 bool cpu_has(const char* feature) {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -90,55 +74,170 @@ bool cpu_has(const char* feature) {
   return false;
 }
 
-const char* isa_name(const Config& c) {
-  switch (c.isa) {
-    case Isa::Avx512: return c.vbmi ? "avx512vbmi" : "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "generic";
-  }
+// Why this CPU cannot run a tier, or "" when it can.
+std::string tier_missing(Tier t) {
+  std::string miss;
+  auto need = [&](bool ok, const char* what) {
+    if (!ok) miss += miss.empty() ? what : std::string(", ") + what;
+  };
+  if (t >= Tier::Avx512) need(avx512_compiled() && cpu_has("avx512"), "AVX-512 F/BW/VL/DQ");
+  if (t >= Tier::Avx512Bf16) need(cpu_has("avx512bf16"), "AVX512-BF16");
+  if (t == Tier::Avx512Vbmi) need(cpu_has("avx512vbmi"), "AVX512-VBMI");
+  if (t == Tier::Avx2) need(avx2_compiled() && cpu_has("avx2"), "AVX2/FMA/F16C");
+  return miss;
 }
 
-Isa best_isa() {
-  if (avx512_compiled() && cpu_has("avx512")) return Isa::Avx512;
-  if (avx2_compiled() && cpu_has("avx2")) return Isa::Avx2;
-  return Isa::Generic;
+// The per-tier tuning table: every switch-over and tile size, and where its number came from. Sizes that
+// depend on the caches scale with the sizes read from sysfs (CacheSizes below).
+struct Tuning {
+  // Largest M the fused kernel takes for bf16 activations, with / without the brgemm large-M path, and
+  // for fp32 / fp16 activations (and bf16 ones on tiers without BF16, which are widened to fp32).
+  int64_t small_m_max_bf16_brgemm, small_m_max_bf16_gemm, small_m_max_f32;
+};
+// avx512*: 2-core Zen 4, int8 Qwen3-1.7B layers, interleaved against dense (docs/cpu-kernel.md,
+//   "switch-over"): the fused kernel vs brgemm cross at M = 48; vs dequantized tiles into ATen's GEMM at
+//   M = 192; fp32 FMA fused vs ATen's fp32 GEMM still wins at M = 256.
+// avx2 / generic: the fused kernels run the FMAs themselves at 8 (avx2) or 4 (generic, SSE2) lanes
+//   against ATen's fp32 GEMM (MKL / oneDNN at the CPU's best ISA): issue 10's measurements
+//   (docs/cpu-kernel.md, "AVX2 and generic tiers").
+constexpr Tuning kTuning[] = {
+    /* generic    */ {32, 32, 32},
+    /* avx2       */ {64, 64, 64},
+    /* avx512     */ {256, 256, 256},
+    /* avx512bf16 */ {48, 192, 256},
+    /* avx512vbmi */ {48, 192, 256},
+};
+
+// Cache sizes of this machine (sysfs; per-core L2, the L3 this core shares), with the Zen 4 figures
+// the table's measurements were taken on as the fallback where sysfs says nothing.
+struct CacheSizes {
+  int64_t l2 = 1 << 20, l3 = 32 << 20;
+  bool from_sysfs = false;
+};
+
+int64_t parse_size(const std::string& s) {  // "2048K", "32M", "512"
+  char* end = nullptr;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (v <= 0) return 0;
+  const char unit = end && *end ? *end : ' ';
+  return unit == 'K' ? v << 10 : unit == 'M' ? v << 20 : unit == 'G' ? v << 30 : v;
 }
 
-// Set the ISA by name; TORCH_CHECKs that this CPU can run it.
+std::string read_line(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return "";
+  char buf[64] = {0};
+  const bool ok = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  std::string s = ok ? buf : "";
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes cs = [] {
+    CacheSizes c;
+    for (int i = 0; i < 8; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      const std::string level = read_line(dir + "level"), type = read_line(dir + "type");
+      if (level.empty()) break;
+      if (type == "Instruction") continue;
+      const int64_t size = parse_size(read_line(dir + "size"));
+      if (size <= 0) continue;
+      if (level == "2") c.l2 = size, c.from_sysfs = true;
+      if (level == "3") c.l3 = size, c.from_sysfs = true;
+    }
+    return c;
+  }();
+  return cs;
+}
+
+int64_t pow2_floor(int64_t v) {
+  int64_t r = 1;
+  while (2 * r <= v) r *= 2;
+  return r;
+}
+
+// brgemm large-M path: padded rows per dequantized BF16 tile of one 64-column block. 1024 rows (128 KiB)
+// measured best with Zen 4's 1 MiB L2 (512 and 8192 rows slower, docs/cpu-kernel.md): L2 / 8.
+int64_t brgemm_tile_rows() {
+  return std::min<int64_t>(4096, std::max<int64_t>(256, pow2_floor(cache_sizes().l2 / 8 / (2 * kBlockN))));
+}
+
+// Dequantized-tile GEMM path: bytes per tile, shared by the threads. 4 MiB measured best with Zen 4's
+// 32 MiB L3 (1 MiB 1.14-1.42x, 4 MiB 1.12-1.13x, 16 MiB 1.15-1.19x dense time at M = 256): L3 / 8.
+// GPTQ_ASCEND_CPU_TILE_KIB overrides it (a tuning knob, read once).
+int64_t gemm_tile_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("GPTQ_ASCEND_CPU_TILE_KIB");
+    if (e && std::atol(e) > 0) return static_cast<int64_t>(std::atol(e)) << 10;
+    return std::min<int64_t>(16 << 20, std::max<int64_t>(1 << 20, cache_sizes().l3 / 8));
+  }();
+  return v;
+}
+
+struct Config {
+  Tier tier = Tier::Generic;
+  Tier cap = Tier::Avx512Vbmi;   // GPTQ_ASCEND_CPU_ISA, else the top
+  bool capped = false;
+  Isa isa = Isa::Generic;        // the kernels the tier runs
+  bool bf16_dot = false;  // bf16 activations use vdpbf16ps (tiers avx512bf16 and up)
+  bool vbmi = false;      // int8 x BF16 at M < kTiledMinM with the VBMI byte-table decode (kernel_avx512_vbmi.cpp)
+  // Overrides of the table's switch-overs (< 0: the table's value).
+  int64_t small_m_max_bf16 = -1;
+  int64_t small_m_max_f32 = -1;
+  // Opt-in: 8-bit layers with kTiledMinM <= M <= small_m_max quantize x to int8 per row and group and
+  // use AVX512-VNNI (twice the multiply rate of vdpbf16ps). Changes the numerics (x is rounded to
+  // 8 bits), so it is off unless asked for (GPTQ_ASCEND_CPU_W8A8=1 or cpu_kernel_config).
+  bool w8a8 = false;
+  bool vnni = false;  // an AVX-512 tier on a CPU with AVX512-VNNI
+  // Large M with bf16 activations through oneDNN's brgemm micro-kernel (run_large_m_brgemm); off ->
+  // dequantized tiles into ATen's GEMM (run_large_m). GPTQ_ASCEND_CPU_BRGEMM=0 or cpu_kernel_config.
+  bool brgemm = true;
+};
+
+const char* isa_name(const Config& c) { return kTierNames[static_cast<int>(c.tier)]; }
+
+bool tier_by_name(const std::string& name, Tier& t) {
+  for (int i = 0; i <= static_cast<int>(Tier::Avx512Vbmi); ++i)
+    if (name == kTierNames[i]) return t = static_cast<Tier>(i), true;
+  return false;
+}
+
+// Set the tier by name ("auto" = the best this CPU runs, up to the cap); TORCH_CHECKs that it can run.
 void set_isa(Config& c, const std::string& name) {
-  const bool vbmi_ok = cpu_has("avx512vbmi") && cpu_has("avx512bf16");
-  bool vbmi = false;
+  Tier t = Tier::Generic;
   if (name == "auto") {
-    c.isa = best_isa();
-    vbmi = c.isa == Isa::Avx512 && vbmi_ok;
-  } else if (name == "avx512vbmi") {
-    TORCH_CHECK(avx512_compiled() && cpu_has("avx512") && vbmi_ok,
-                "gptq_ascend cpu: isa 'avx512vbmi' requested but this CPU lacks AVX-512 F/BW/VL/DQ, VBMI or BF16");
-    c.isa = Isa::Avx512;
-    vbmi = true;
-  } else if (name == "avx512") {
-    TORCH_CHECK(avx512_compiled() && cpu_has("avx512"),
-                "gptq_ascend cpu: isa 'avx512' requested but this CPU lacks AVX-512 F/BW/VL/DQ");
-    c.isa = Isa::Avx512;
-  } else if (name == "avx2") {
-    TORCH_CHECK(avx2_compiled() && cpu_has("avx2"),
-                "gptq_ascend cpu: isa 'avx2' requested but this CPU lacks AVX2/FMA/F16C");
-    c.isa = Isa::Avx2;
-  } else if (name == "generic") {
-    c.isa = Isa::Generic;
+    t = c.cap;
+    while (t > Tier::Generic && !tier_missing(t).empty()) t = static_cast<Tier>(static_cast<int>(t) - 1);
   } else {
-    TORCH_CHECK(false, "gptq_ascend cpu: unknown isa '", name,
-                "'; expected one of auto, avx512vbmi, avx512, avx2, generic");
+    TORCH_CHECK(tier_by_name(name, t), "gptq_ascend cpu: unknown isa '", name,
+                "'; expected one of auto, avx512vbmi, avx512bf16, avx512, avx2, generic");
+    const std::string miss = tier_missing(t);
+    TORCH_CHECK(miss.empty(), "gptq_ascend cpu: isa '", name, "' requested but this CPU lacks ", miss);
+    TORCH_CHECK(t <= c.cap, "gptq_ascend cpu: isa '", name, "' requested but GPTQ_ASCEND_CPU_ISA=",
+                kTierNames[static_cast<int>(c.cap)], " caps this process at that tier");
   }
-  c.vbmi = vbmi;
-  c.bf16_dot = c.isa == Isa::Avx512 && cpu_has("avx512bf16");
-  c.vnni = c.isa == Isa::Avx512 && cpu_has("avx512vnni");
+  c.tier = t;
+  c.isa = t >= Tier::Avx512 ? Isa::Avx512 : t == Tier::Avx2 ? Isa::Avx2 : Isa::Generic;
+  c.bf16_dot = t >= Tier::Avx512Bf16;
+  c.vbmi = t == Tier::Avx512Vbmi;
+  c.vnni = t >= Tier::Avx512 && cpu_has("avx512vnni");
 }
 
 Config make_config() {
   Config c;
   const char* env = std::getenv("GPTQ_ASCEND_CPU_ISA");
-  set_isa(c, env && *env ? std::string(env) : std::string("auto"));
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    Tier cap;
+    TORCH_CHECK(tier_by_name(env, cap), "gptq_ascend cpu: GPTQ_ASCEND_CPU_ISA='", env,
+                "' is not one of auto, avx512vbmi, avx512bf16, avx512, avx2, generic");
+    const std::string miss = tier_missing(cap);
+    TORCH_CHECK(miss.empty(), "gptq_ascend cpu: GPTQ_ASCEND_CPU_ISA=", env, " but this CPU lacks ", miss);
+    c.cap = cap;
+    c.capped = true;
+  }
+  set_isa(c, "auto");
   if (const char* w = std::getenv("GPTQ_ASCEND_CPU_W8A8")) c.w8a8 = *w && std::strcmp(w, "0") != 0;
   if (const char* b = std::getenv("GPTQ_ASCEND_CPU_BRGEMM")) c.brgemm = !(*b && std::strcmp(b, "0") == 0);
   if (const char* m = std::getenv("GPTQ_ASCEND_CPU_SMALL_M_MAX")) {
@@ -156,15 +255,45 @@ Config& config() {
 
 bool brgemm_works();  // large-M section below
 bool brgemm_on(const Config& cfg);
-int64_t small_m_max_bf16(const Config& cfg, bool brgemm);
+
+const Tuning& tuning(const Config& c) { return kTuning[static_cast<int>(c.tier)]; }
+
+// Largest M the fused kernel takes for activations of `dt`; `brgemm` = brgemm_on(cfg) for bf16.
+int64_t small_m_max(const Config& cfg, at::ScalarType dt, bool brgemm) {
+  if (dt == at::kBFloat16 && cfg.bf16_dot) {
+    if (cfg.small_m_max_bf16 >= 0) return cfg.small_m_max_bf16;
+    return brgemm ? tuning(cfg).small_m_max_bf16_brgemm : tuning(cfg).small_m_max_bf16_gemm;
+  }
+  return cfg.small_m_max_f32 >= 0 ? cfg.small_m_max_f32 : tuning(cfg).small_m_max_f32;
+}
+
+// What the large-M path multiplies bf16 activations with: "brgemm" (oneDNN's micro-kernel on VNNI
+// tiles), "bf16" (dequantized BF16 tiles into ATen's GEMM) where the CPU has native BF16 dot products,
+// else "fp32" (activations widened once, fp32 tiles into ATen's fp32 GEMM: a BF16 GEMM without native
+// BF16 runs 20-50x slower than fp32, issue 10).
+const char* large_m_bf16_path(const Config& c) { return brgemm_on(c) ? "brgemm" : c.bf16_dot ? "bf16" : "fp32"; }
+
+std::string cpu_features() {
+  std::string s;
+  for (const char* f : {"avx2", "avx512", "avx512bf16", "avx512vnni", "avx512vbmi"})
+    if (cpu_has(f)) s += (s.empty() ? "" : ",") + std::string(f);
+  return s.empty() ? "baseline" : s;
+}
 
 std::string describe(const Config& c) {
+  const bool bg = brgemm_on(c);
+  const CacheSizes& cs = cache_sizes();
   return std::string("isa=") + isa_name(c) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
-         " small_m_max_bf16=" + std::to_string(small_m_max_bf16(c, brgemm_on(c))) +
-         " small_m_max_f32=" + std::to_string(c.small_m_max_f32) +
+         " small_m_max_bf16=" + std::to_string(small_m_max(c, at::kBFloat16, bg)) +
+         " small_m_max_f32=" + std::to_string(small_m_max(c, at::kFloat, false)) +
          " w8a8=" + (c.w8a8 ? (c.vnni ? "1" : "1(no-vnni:off)") : "0") +
          " brgemm=" + (!c.brgemm ? "0" : !c.bf16_dot ? "1(no-bf16:off)" : brgemm_works() ? "1" : "1(no-ukernel:off)") +
-         " threads=" + std::to_string(at::get_num_threads());
+         " large_m_bf16=" + large_m_bf16_path(c) +
+         " threads=" + std::to_string(at::get_num_threads()) +
+         " cap=" + (c.capped ? kTierNames[static_cast<int>(c.cap)] : "none") +
+         " cpu=" + cpu_features() +
+         " l2=" + std::to_string(cs.l2 >> 10) + "K l3=" + std::to_string(cs.l3 >> 10) + "K" +
+         (cs.from_sysfs ? "" : "(assumed)");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -545,26 +674,17 @@ void dequant_blocks_t_bf16(const Packed& p, int64_t b0, int64_t b1, at::Tensor& 
 // before multiplying: two extra passes over every weight, 1.14-1.37x oneDNN's time at M = 256 here
 // (interleaved, 2 threads) against 1.02-1.06x this way. The brgemm B operand IS the VNNI layout
 // ([k-pair][column][k, k+1]), which is the order our codes are already stored in, so the
-// dequantization writes it directly with no transpose, one L2-resident tile of kBrgemmK rows x 64
+// dequantization writes it directly with no transpose, one L2-resident tile of brgemm_tile_rows() rows x 64
 // columns at a time, and the GEMM consumes it while it is hot. Threads take
 // 64-column blocks from a shared counter; each accumulates its block's [M, 64] result in fp32 over the
 // K chunks, then adds the bias and rounds once, like the small-M kernels.
-constexpr int64_t kBrgemmK = 1024;   // padded rows per dequantized tile: 128 KiB of BF16 per block
 constexpr int64_t kBrgemmM = 512;    // most activation rows per brgemm call
-
-// The "by path" default (see Config); `brgemm` = brgemm_on(cfg), which the caller has already decided.
-int64_t small_m_max_bf16(const Config& cfg, bool brgemm) {
-  return cfg.small_m_max_bf16 >= 0 ? cfg.small_m_max_bf16 : brgemm ? 48 : 192;
-}
 
 // Rows for the next brgemm call: kBrgemmM, else the largest power of two <= the rows left. ATen keeps
 // every generated micro-kernel, keyed by its shape, in a per-thread map that is never pruned; serving
 // sees every prefill length, so the row counts must come from a small fixed set (here <= 10 values).
 int64_t brgemm_rows(int64_t left) {
-  if (left >= kBrgemmM) return kBrgemmM;
-  int64_t r = 1;
-  while (2 * r <= left) r *= 2;
-  return r;
+  return left >= kBrgemmM ? kBrgemmM : pow2_floor(left);
 }
 
 // ATen only runs a BF16 VNNI brgemm through oneDNN's ukernel (built in on x86 torch, needs
@@ -622,7 +742,7 @@ void run_large_m_brgemm(const at::Tensor& x2, const Packed& p, const c10::option
   const DequantArgs d0 = dequant_args(p);
   const int64_t ldo = out2.stride(0);
   auto* out_base = reinterpret_cast<at::BFloat16*>(out2.data_ptr());  // out has x's dtype (checked)
-  const int64_t kc_max = std::min(p.Kp, kBrgemmK);
+  const int64_t kc_max = std::min(p.Kp, brgemm_tile_rows());
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), p.nblk);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
@@ -671,16 +791,14 @@ void run_large_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
                  at::Tensor& out2) {
   // bf16 activations multiply bf16 weights (what dense BF16 runs); fp32 and fp16 use an fp32 GEMM
   // (CPUs without AVX512-FP16 have no fast fp16 GEMM, and fp32 keeps every bit of both).
-  const at::ScalarType ct = x2.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-  const bool transposed = ct == at::kBFloat16 && cfg.isa == Isa::Avx512 && cfg.bf16_dot;
+  // Without native BF16 dot products (every tier below avx512bf16) bf16 activations are widened once
+  // and multiplied in fp32 too: ATen's BF16 GEMM there runs 20-50x slower than its fp32 one (issue 10).
+  const at::ScalarType ct = x2.scalar_type() == at::kBFloat16 && cfg.bf16_dot ? at::kBFloat16 : at::kFloat;
+  const bool transposed = ct == at::kBFloat16;
   const int64_t elt = ct == at::kBFloat16 ? 2 : 4;
-  static const int64_t kTileBytes = [] {  // GPTQ_ASCEND_CPU_TILE_KIB: tuning knob, read once
-    const char* e = std::getenv("GPTQ_ASCEND_CPU_TILE_KIB");
-    return (e && std::atol(e) > 0 ? std::atol(e) : 4096L) << 10;
-  }();
   constexpr int64_t kMinTileCols = 512;
   const int64_t tile_blocks = std::min<int64_t>(
-      p.nblk, std::max<int64_t>(kMinTileCols / kBlockN, kTileBytes / (p.Kp * kBlockN * elt)));
+      p.nblk, std::max<int64_t>(kMinTileCols / kBlockN, gemm_tile_bytes() / (p.Kp * kBlockN * elt)));
   at::Tensor xg = gather_rows(x2, p, ct);
   // Rows of the transposed tile are padded by one cache line: with Kp = 2048 they would be exactly 4 KiB
   // apart, and the 16 row stores of each 16x16 transpose would all land in one L1 set.
@@ -728,7 +846,7 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   }
   const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
   const bool brgemm = dot && brgemm_on(cfg);  // brgemm_on implies bf16_dot
-  if (M <= (dot ? small_m_max_bf16(cfg, brgemm) : cfg.small_m_max_f32)) run_small_m(cfg, x2, p, bias, out2);
+  if (M <= small_m_max(cfg, x2.scalar_type(), brgemm)) run_small_m(cfg, x2, p, bias, out2);
   else if (brgemm) run_large_m_brgemm(x2, p, bias, out2);
   else run_large_m(cfg, x2, p, bias, out2);
 }

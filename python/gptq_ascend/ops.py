@@ -54,6 +54,10 @@ class Backend(ABC):
     def can_implement(self, spec: QuantSpec, in_features: int, out_features: int) -> tuple[bool, str]:
         """(True, "") when this backend takes a layer of these settings and shape, else why not."""
 
+    def describe(self) -> str:
+        """What this backend will run on this machine (e.g. the CPU kernel tier and why), for the log."""
+        return ""
+
     @abstractmethod
     def repack(self, t: GPTQTensors, spec: QuantSpec, in_features: int) -> PackedWeight:
         ...
@@ -126,6 +130,9 @@ def choose_backend(device_type: str, spec: QuantSpec, in_features: int, out_feat
             ok, why = backend.can_implement(spec, in_features, out_features)
         if ok:
             reason = f"{name} backend on {device_type}"
+            detail = backend.describe()
+            if detail:
+                reason += f" [{detail}]"
             if refusals:
                 reason += " (skipped " + "; ".join(refusals) + ")"
             return backend, reason

@@ -88,6 +88,11 @@ class CPUBackend(Backend):
                            "`make env` or `python setup.py build_ext --inplace`")
         return True, ""
 
+    def describe(self) -> str:
+        if _IMPORT_ERROR is not None:
+            return ""
+        return describe_tier(kernel_settings())
+
     def can_implement(self, spec: fmt.QuantSpec, in_features: int, out_features: int) -> tuple[bool, str]:
         if spec.bits not in (2, 3, 4, 8):
             return False, f"{spec.bits}-bit weights are not supported (2, 3, 4, 8 are)"
@@ -202,6 +207,32 @@ def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32
 def kernel_settings() -> dict[str, str]:
     """:func:`kernel_config` as a dict."""
     return dict(item.split("=", 1) for item in kernel_config().split())
+
+
+# Kernel tiers, best first, with what each needs beyond the one below it (the C++ side, ops.cpp, owns the
+# detection; this is only for saying why a tier was not chosen).
+_TIER_NEEDS = (("avx512vbmi", "avx512vbmi", "AVX512-VBMI"), ("avx512bf16", "avx512bf16", "AVX512-BF16"),
+               ("avx512", "avx512", "AVX-512 F/BW/VL/DQ"), ("avx2", "avx2", "AVX2/FMA/F16C"))
+
+
+def describe_tier(s: dict[str, str]) -> str:
+    """One sentence for the log from :func:`kernel_settings`: the tier, why it and not the one above it,
+    the switch-overs and what large batches run on."""
+    tier, features = s["isa"], set(s.get("cpu", "").split(","))
+    names = [t for t, _, _ in _TIER_NEEDS] + ["generic"]
+    if s.get("cap", "none") != "none":
+        why = f"capped by GPTQ_ASCEND_CPU_ISA={s['cap']}"
+    elif tier == names[0]:
+        why = "the best tier"
+    else:
+        above = names[names.index(tier) - 1]
+        missing = [label for t, flag, label in _TIER_NEEDS[: names.index(tier)] if flag not in features]
+        why = f"this CPU has no {', '.join(missing)}" if missing else f"selected below {above}"
+    large = {"brgemm": "oneDNN's brgemm on dequantized BF16 tiles", "bf16": "BF16 GEMM on dequantized tiles",
+             "fp32": "fp32 GEMM on dequantized tiles (bf16 activations widened: no native BF16)"}
+    return (f"CPU kernel tier {tier} ({why}); fused up to M={s['small_m_max_bf16']} (bf16) / "
+            f"{s['small_m_max_f32']} (fp32, fp16), larger M: {large.get(s.get('large_m_bf16', ''), '?')}; "
+            f"L2 {s.get('l2', '?')}, L3 {s.get('l3', '?')}, {s['threads']} threads")
 
 
 register_backend(CPUBackend())
