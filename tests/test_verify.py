@@ -264,3 +264,22 @@ def test_bad_paths_give_one_line(tmp_path, case):
             "file": "is not a folder", "no-config": "has no config.json",
             "text-missing": "does not exist: expected a UTF-8 text file"}[case]
     assert lines[0].startswith("gptq-ascend verify: error: ") and want in lines[0], out
+
+
+def test_candidate_tokenizer_disagreeing_is_named(tmp_path):
+    from gptq_ascend.verify import compare
+
+    # same vocabulary, but the candidate's tokenizer_config.json says add_bos_token false: measured the
+    # reference's way (BOS first), and the output says the candidate's files would start otherwise
+    other_rule = _tokenizer_variant(tmp_path, BOS_BASE, "cand-flag-false", {"add_bos_token": False})
+    shutil.copy2(BOS_BASE / "model.safetensors", other_rule / "model.safetensors")
+    res = compare(str(BOS_BASE), str(other_rule), max_chunks=2)
+    assert res.chunk_prefix == [2] and any("the candidate's tokenizer files start a sequence with []" in n
+                                           for n in res.notes), res.notes
+    # another vocabulary altogether: refused, naming both folders
+    other_vocab = tmp_path / "cand-other-vocab"
+    shutil.copytree(other_rule, other_vocab)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(BASE / f, other_vocab / f)
+    with pytest.raises(VerifyError, match="disagree on the text .token ids differ from position"):
+        compare(str(BOS_BASE), str(other_vocab), max_chunks=2)

@@ -8,7 +8,7 @@ a BOS-trained pretrained model is, so its predictions depend on that first token
 
 Run from the repository root with the project venv (torch CPU + transformers, nothing downloaded)::
 
-    .venv/bin/python tools/make_bos_fixture.py --out tests/fixtures/base-llama-bos     # ~5 min, 2 cores
+    .venv/bin/python tools/make_bos_fixture.py --out tests/fixtures/base-llama-bos     # ~8 min, 2 cores
 
 What it writes (about 1.2 MB):
 
@@ -23,7 +23,7 @@ What it writes (about 1.2 MB):
 * ``training.json``: settings, and the held-out perplexity with and without BOS at the start of each
   chunk (the figure that shows the fixture needs BOS).
 
-Seeded; on the same torch build the output is reproducible.
+Seeded (not checked byte for byte across runs: training takes ~8 min on the 2-core build machine).
 """
 
 from __future__ import annotations

@@ -332,18 +332,22 @@ def compare(reference: str, candidate: str, text: str | None = None, seq_len: in
                           "verify needs the model's tokenizer to turn the text into token ids")
     rule = chunk_rule(tok_dir, tok)
     ids = _encode(tok, text)
+    notes = list(rule.notes)
     if cand_tok is not None and tok_dir == ref_dir:
-        # The two models are compared on the same ids: a candidate whose own tokenizer reads the text
-        # differently would be served different ids than the ones measured here.
-        cand_rule = chunk_rule(cand_dir, cand_tok)
+        # Both models are fed the reference's ids. A candidate whose tokenizer reads the text into other
+        # ids has another vocabulary mapping: nothing measured here would describe it.
         cand_ids = _encode(cand_tok, text)
-        if cand_ids != ids or cand_rule.prefix != rule.prefix:
+        if cand_ids != ids:
             where = next((i for i, (a, b) in enumerate(zip(ids, cand_ids, strict=False)) if a != b),
                          min(len(ids), len(cand_ids)))
-            what = (f"chunk prefix {list(rule.prefix)} vs {list(cand_rule.prefix)}" if cand_ids == ids
-                    else f"token ids differ from position {where}")
-            raise VerifyError(f"the tokenizers of {ref_dir} and {cand_dir} disagree on the text ({what}): "
-                              "expected the candidate to carry the reference's tokenizer files")
+            raise VerifyError(f"the tokenizers of {ref_dir} and {cand_dir} disagree on the text (token ids "
+                              f"differ from position {where}): expected the candidate to carry the "
+                              "reference's tokenizer files")
+        cand_rule = chunk_rule(cand_dir, cand_tok)
+        if cand_rule.prefix != rule.prefix:
+            notes.append(f"the candidate's tokenizer files start a sequence with {list(cand_rule.prefix)} "
+                         f"({cand_rule.reason}), the reference's with {list(rule.prefix)}: both models are "
+                         "measured the reference's way, but a server would feed the candidate its own way")
     chunks = make_chunks(ids, seq_len, max_chunks, rule)
     if not chunks:
         raise VerifyError(f"{text_source}: {len(ids)} tokens, too short to compare anything")
@@ -391,7 +395,7 @@ def compare(reference: str, candidate: str, text: str | None = None, seq_len: in
                        norms, th, text_source=f"{text_source}, {len(text):,} characters, {len(ids):,} tokens",
                        text_is_default=text_source == DEFAULT_TEXT_SOURCE,
                        chunking=rule.describe(seq_len, len(chunks)),
-                       chunk_prefix=list(rule.prefix), notes=list(rule.notes))
+                       chunk_prefix=list(rule.prefix), notes=notes)
     if nonfinite_cand:
         res.failures.append(f"{nonfinite_cand} NaN/Inf values in the candidate")
     grown = [n.layer for n in norms if not (1 / th["max_norm_ratio"] <= n.ratio <= th["max_norm_ratio"])]
