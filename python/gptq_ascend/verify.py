@@ -39,7 +39,12 @@ DEFAULT_THRESHOLDS = {
     "max_norm_ratio": 1.5,  # candidate / reference hidden-state norm at any layer
 }
 DEFAULT_TEXT_SOURCE = "pydoc_data.topics (first 6 topics)"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+DEFAULT_TEXT_WARNING = ("this is the built-in default text, Python's pydoc topics, a common calibration "
+                        "source: if the candidate was calibrated on it, the figures flatter the candidate. "
+                        "Pass --text FILE with text it was not calibrated on.")
+# The files transformers builds a tokenizer from (fast, SentencePiece, BPE vocab/merges, tiktoken).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                    "merges.txt", "vocab.txt", "tiktoken.model", "qwen.tiktoken")
 
 
 class VerifyError(GPTQAscendError):
@@ -255,7 +260,7 @@ class VerifyResult:
             f"tokens compared: {self.tokens}",
             f"NaN/Inf: reference {self.nonfinite_reference}, candidate {self.nonfinite_candidate}",
             "",
-            "hidden-state norm per layer (mean L2 over tokens):",
+            "hidden-state norm per layer (mean L2 over text tokens):",
             f"  {'layer':>5}  {'reference':>12}  {'candidate':>12}  {'ratio':>8}",
         ]
         for n in self.norms:
@@ -272,11 +277,6 @@ class VerifyResult:
             "PASS" if self.ok else "FAIL: " + "; ".join(self.failures),
         ]
         return "\n".join(lines)
-
-
-DEFAULT_TEXT_WARNING = ("this is the built-in default text, Python's pydoc topics, a common calibration "
-                        "source: if the candidate was calibrated on it, the figures flatter the candidate. "
-                        "Pass --text FILE with text it was not calibrated on.")
 
 
 def check_model_folder(path: str | Path, role: str) -> Path:
