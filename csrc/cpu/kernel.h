@@ -59,9 +59,8 @@ constexpr int64_t kTiledMinM = 5;
 
 enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
-struct GemmArgs {
-  int64_t M = 0;        // activation rows
-  int64_t N = 0;        // true out_features (columns >= N are padding, never written)
+// A packed weight as the kernels see it (CPUBackend.repack's tensors): shared by GemmArgs and DequantArgs.
+struct PackedView {
   int64_t Kp = 0;       // padded K (even)
   int64_t G = 0;        // stored groups
   int64_t nblk = 0;     // N-blocks of kBlockN columns
@@ -72,6 +71,11 @@ struct GemmArgs {
   const uint8_t* zeros = nullptr;  // [nblk][G][64] or null
   float sym_zero = 0.f;          // z when zeros == null
   const int32_t* group_ptr = nullptr;  // [G+1]
+};
+
+struct GemmArgs : PackedView {
+  int64_t M = 0;        // activation rows
+  int64_t N = 0;        // true out_features (columns >= N are padding, never written)
   const float* xf = nullptr;     // [M][Kp] activations gathered to fp32 (fp32 paths)
   const uint16_t* xb = nullptr;  // [M][Kp] activations gathered as bf16 bits (bf16 dot path, M < kTiledMinM)
   const uint32_t* xp = nullptr;  // [Kp/2][M] bf16 (k, k+1) pairs, pair-major (bf16 dot path, M >= kTiledMinM)
@@ -88,15 +92,7 @@ struct GemmArgs {
   OutType out_type = OutType::F32;
 };
 
-struct DequantArgs {
-  int64_t Kp = 0, G = 0, nblk = 0;
-  int bits = 8;
-  const uint8_t* codes = nullptr;
-  const void* scales = nullptr;
-  bool scales_f16 = true;
-  const uint8_t* zeros = nullptr;
-  float sym_zero = 0.f;
-  const int32_t* group_ptr = nullptr;
+struct DequantArgs : PackedView {
   void* out = nullptr;  // [Kp][ldo], block b lands at columns (b - b_origin) * 64 (dequant_t: transposed)
   int64_t ldo = 0;
   int64_t b_origin = 0;
