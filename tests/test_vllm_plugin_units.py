@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("vllm")
 
 import gptq_ascend.vllm_plugin as plugin  # noqa: E402
-from gptq_ascend import serve  # noqa: E402
+from gptq_ascend import vllm_cpu_shim  # noqa: E402
 from gptq_ascend.errors import ConfigError  # noqa: E402
 from gptq_ascend.vllm_plugin import compat  # noqa: E402
 from gptq_ascend.vllm_plugin.config import GPTQAscendConfig  # noqa: E402
@@ -290,10 +290,10 @@ def test_expose_weight_replaces_parameter_and_is_not_a_parameter():
 
 
 def test_version_lookup_patch():
-    if not serve.vllm_metadata_missing():
+    if not vllm_cpu_shim.vllm_metadata_missing():
         pytest.skip("the 'vllm' distribution metadata exists here: nothing to patch")
-    assert serve.patch_version_lookup()
-    assert serve.patch_version_lookup()  # idempotent
+    assert vllm_cpu_shim.patch_version_lookup()
+    assert vllm_cpu_shim.patch_version_lookup()  # idempotent
     assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"
     with pytest.raises(md.PackageNotFoundError):
         md.version("surely-not-installed-dist")
@@ -304,12 +304,32 @@ def test_version_lookup_patch():
 
 def test_install_shim(tmp_path):
     (tmp_path / "vllm").write_text("#!/usr/bin/python\nbroken\n")
-    msg = serve.install_shim(tmp_path, force=True)
+    msg = vllm_cpu_shim.install_shim(tmp_path, force=True)
     assert "installed" in msg
     text = (tmp_path / "vllm").read_text()
-    assert serve.SHIM_MARKER in text and "gptq_ascend.serve import main" in text
+    assert vllm_cpu_shim.SHIM_MARKER in text and "gptq_ascend.vllm_cpu_shim import main" in text
     assert (tmp_path / "vllm.orig").read_text().endswith("broken\n")
-    assert "already" in serve.install_shim(tmp_path, force=True)
+    assert "already" in vllm_cpu_shim.install_shim(tmp_path, force=True)
+
+
+def test_install_shim_updates_a_shim_written_before_the_rename(tmp_path):
+    import sys
+
+    # Verbatim what --install-shim wrote while the module was gptq_ascend/serve.py.
+    old = (f"#!{sys.executable}\n# gptq-ascend vllm shim: vllm-cpu's own script dies on "
+           "importlib.metadata.version('vllm');\n# see gptq_ascend/serve.py. Re-installing vllm-cpu restores "
+           "the original.\nimport sys\nfrom gptq_ascend.serve import main\n\nif __name__ == '__main__':\n"
+           "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n    sys.exit(main())\n")
+    (tmp_path / "vllm").write_text(old)
+    (tmp_path / "vllm.orig").write_text("#!/usr/bin/python\nvllm-cpu's own\n")
+    assert "updated" in vllm_cpu_shim.install_shim(tmp_path, force=True)
+    assert "from gptq_ascend.vllm_cpu_shim import main" in (tmp_path / "vllm").read_text()
+    assert (tmp_path / "vllm.orig").read_text() == "#!/usr/bin/python\nvllm-cpu's own\n"  # not overwritten
+    assert "already" in vllm_cpu_shim.install_shim(tmp_path, force=True)
+    # Until it is updated, an old shim still finds its entry point under the old name.
+    from gptq_ascend.serve import main as old_main
+
+    assert old_main is vllm_cpu_shim.main
 
 
 def test_installed_vllm_script_works():
@@ -320,6 +340,6 @@ def test_installed_vllm_script_works():
     if not script.exists():
         pytest.skip("no vllm script in this environment")
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:] + "\n(run: python -m gptq_ascend.serve --install-shim)"
-    assert out.stdout.strip().startswith(md.version("vllm-cpu") if serve.vllm_metadata_missing()
+    assert out.returncode == 0, out.stderr[-2000:] + "\n(run: python -m gptq_ascend.vllm_cpu_shim --install-shim)"
+    assert out.stdout.strip().startswith(md.version("vllm-cpu") if vllm_cpu_shim.vllm_metadata_missing()
                                          else md.version("vllm"))

@@ -26,7 +26,7 @@ import requests
 
 from .checkpoint import Checkpoint
 from .convert import convert, human_bytes
-from .serving import VllmServer
+from .server_process import VllmServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "qwen3-pydoc-gptq-int8"
