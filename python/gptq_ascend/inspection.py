@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import format as fmt
 from .checkpoint import ST_ITEMSIZE, Checkpoint
-from .convert import human_bytes
+from .units import human_bytes
 
 
 @dataclass
