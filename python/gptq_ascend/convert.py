@@ -180,7 +180,7 @@ def _hf_config(src: Path) -> dict:
     return cfg
 
 
-_SKIP_FILES = {"config.json", "quantize_config.json", "quant_config.json", INDEX_NAME, PICKLE_INDEX_NAME}
+_SKIP_FILES = {"config.json", *fmt.QUANT_CONFIG_FILES, INDEX_NAME, PICKLE_INDEX_NAME}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
