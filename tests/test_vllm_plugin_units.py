@@ -18,10 +18,12 @@ import torch
 pytest.importorskip("vllm")
 
 import gptq_ascend.vllm_plugin as plugin  # noqa: E402
-from gptq_ascend import serve  # noqa: E402
+from gptq_ascend import vllm_cpu_shim  # noqa: E402
 from gptq_ascend.errors import ConfigError  # noqa: E402
 from gptq_ascend.vllm_plugin import compat  # noqa: E402
 from gptq_ascend.vllm_plugin.config import GPTQAscendConfig  # noqa: E402
+
+from . import vllm_compat_helpers as helpers  # noqa: E402
 
 GPTQ_CFG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
 
@@ -62,7 +64,7 @@ def test_register_is_idempotent_and_loaded_by_vllm():
 
 @pytest.mark.parametrize("version", [(0, 18, 0), (0, 19, 1), (0, 20, 0), (0, 32, 0), (0, 33, 0)])
 def test_override_only_when_asked(version):
-    call = lambda cfg, user: compat.call_override(  # noqa: E731
+    call = lambda cfg, user: helpers.call_override(  # noqa: E731
         GPTQAscendConfig.override_quantization_method, cfg, user, version=version)
     assert call(GPTQ_CFG, "gptq_ascend") == "gptq_ascend"
     assert call(dict(GPTQ_CFG, quant_method="GPTQ"), "gptq_ascend") == "gptq_ascend"
@@ -121,7 +123,7 @@ def test_quantize_config_json_is_read_when_config_json_has_none(tmp_path, versio
     (tmp_path / "quantize_config.json").write_text(json.dumps(dict(GPTQ_CFG, bits=8)))
     cfg = GPTQAscendConfig()  # what vLLM builds when get_config_filenames() is empty
     hf = types.SimpleNamespace(tie_word_embeddings=True)
-    compat.call_maybe_update_config(cfg, str(tmp_path), hf_config=hf, version=version)
+    helpers.call_maybe_update_config(cfg, str(tmp_path), hf_config=hf, version=version)
     assert cfg.gptq.default.bits == 8
     if version >= (0, 20):
         assert cfg.tie_word_embeddings
@@ -141,7 +143,7 @@ def test_checkpoint_weight_mapper_keeps_g_idx():
     ours = GPTQAscendConfig.from_config(GPTQ_CFG).get_checkpoint_weight_mapper()
     name = "model.layers.0.mlp.down_proj.g_idx"
     assert ours.map_name(name) == name
-    if compat.drops_g_idx_by_default():
+    if helpers.drops_g_idx_by_default():
         assert QuantizationConfig.get_checkpoint_weight_mapper().map_name(name) is None
 
 
@@ -189,8 +191,8 @@ def test_parse_and_range():
     assert "outside" in compat.check_vllm_version((0, 17, 1))
     assert "outside" in compat.check_vllm_version((0, 34, 0))
     assert compat.check_vllm_version() is None  # the installed vllm-cpu
-    assert not compat.drops_g_idx_by_default((0, 18, 0))
-    assert compat.drops_g_idx_by_default((0, 30, 0))
+    assert not helpers.drops_g_idx_by_default((0, 18, 0))
+    assert helpers.drops_g_idx_by_default((0, 30, 0))
 
 
 def test_register_weight_loader_v2_with_and_without_the_decorator():
@@ -246,8 +248,8 @@ def test_old_and_new_hook_signatures():
         def maybe_update_config(self, model_name, **kw):
             seen.append((model_name, kw))
 
-    compat.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 18, 0))
-    compat.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 32, 0))
+    helpers.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 18, 0))
+    helpers.call_maybe_update_config(Cfg(), "m", hf_config="h", version=(0, 32, 0))
     assert seen == [("m", {}), ("m", {"hf_config": "h", "revision": None})]
     # our override accepts the 0.18 positional form and the 0.20+ keyword form
     assert GPTQAscendConfig.override_quantization_method(GPTQ_CFG, "gptq_ascend") == "gptq_ascend"
@@ -290,10 +292,10 @@ def test_expose_weight_replaces_parameter_and_is_not_a_parameter():
 
 
 def test_version_lookup_patch():
-    if not serve.vllm_metadata_missing():
+    if not vllm_cpu_shim.vllm_metadata_missing():
         pytest.skip("the 'vllm' distribution metadata exists here: nothing to patch")
-    assert serve.patch_version_lookup()
-    assert serve.patch_version_lookup()  # idempotent
+    assert vllm_cpu_shim.patch_version_lookup()
+    assert vllm_cpu_shim.patch_version_lookup()  # idempotent
     assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"
     with pytest.raises(md.PackageNotFoundError):
         md.version("surely-not-installed-dist")
@@ -304,12 +306,32 @@ def test_version_lookup_patch():
 
 def test_install_shim(tmp_path):
     (tmp_path / "vllm").write_text("#!/usr/bin/python\nbroken\n")
-    msg = serve.install_shim(tmp_path, force=True)
+    msg = vllm_cpu_shim.install_shim(tmp_path, force=True)
     assert "installed" in msg
     text = (tmp_path / "vllm").read_text()
-    assert serve.SHIM_MARKER in text and "gptq_ascend.serve import main" in text
+    assert vllm_cpu_shim.SHIM_MARKER in text and "gptq_ascend.vllm_cpu_shim import main" in text
     assert (tmp_path / "vllm.orig").read_text().endswith("broken\n")
-    assert "already" in serve.install_shim(tmp_path, force=True)
+    assert "already" in vllm_cpu_shim.install_shim(tmp_path, force=True)
+
+
+def test_install_shim_updates_a_shim_written_before_the_rename(tmp_path):
+    import sys
+
+    # Verbatim what --install-shim wrote while the module was gptq_ascend/serve.py.
+    old = (f"#!{sys.executable}\n# gptq-ascend vllm shim: vllm-cpu's own script dies on "
+           "importlib.metadata.version('vllm');\n# see gptq_ascend/serve.py. Re-installing vllm-cpu restores "
+           "the original.\nimport sys\nfrom gptq_ascend.serve import main\n\nif __name__ == '__main__':\n"
+           "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n    sys.exit(main())\n")
+    (tmp_path / "vllm").write_text(old)
+    (tmp_path / "vllm.orig").write_text("#!/usr/bin/python\nvllm-cpu's own\n")
+    assert "updated" in vllm_cpu_shim.install_shim(tmp_path, force=True)
+    assert "from gptq_ascend.vllm_cpu_shim import main" in (tmp_path / "vllm").read_text()
+    assert (tmp_path / "vllm.orig").read_text() == "#!/usr/bin/python\nvllm-cpu's own\n"  # not overwritten
+    assert "already" in vllm_cpu_shim.install_shim(tmp_path, force=True)
+    # Until it is updated, an old shim still finds its entry point under the old name.
+    from gptq_ascend.serve import main as old_main
+
+    assert old_main is vllm_cpu_shim.main
 
 
 def test_installed_vllm_script_works():
@@ -320,6 +342,6 @@ def test_installed_vllm_script_works():
     if not script.exists():
         pytest.skip("no vllm script in this environment")
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:] + "\n(run: python -m gptq_ascend.serve --install-shim)"
-    assert out.stdout.strip().startswith(md.version("vllm-cpu") if serve.vllm_metadata_missing()
+    assert out.returncode == 0, out.stderr[-2000:] + "\n(run: python -m gptq_ascend.vllm_cpu_shim --install-shim)"
+    assert out.stdout.strip().startswith(md.version("vllm-cpu") if vllm_cpu_shim.vllm_metadata_missing()
                                          else md.version("vllm"))

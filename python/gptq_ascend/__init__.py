@@ -1,8 +1,7 @@
 """gptq-ascend: GPTQ checkpoints served by vLLM on Ascend NPUs and CPUs.
 
-Modules: ``format`` (the GPTQ format, the one owner), ``checkpoint`` (safe reading and streaming
-writing of checkpoints), ``convert`` (offline mode), ``ops`` + ``backends`` (the op contract and its
-implementations), ``vllm_plugin`` (online mode), ``cli`` (the `gptq-ascend` command).
+This file only names the package and its version; the README's "Layout" bullet (under
+"Development") says which module does what.
 """
 
 __version__ = "0.1.0"

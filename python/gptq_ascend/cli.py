@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
+from . import interrupts
 from .errors import GPTQAscendError
 
 
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import backend_dequant, convert, human_bytes, reference_dequant
+    from .convert import backend_dequant, convert, reference_dequant
+    from .units import human_bytes
 
     dequant = reference_dequant if args.backend == "reference" else backend_dequant(args.backend)
     result = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
@@ -95,37 +96,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-_interrupted = False
-
-
-def _raise_interrupt(signum, frame) -> None:
-    # SIGTERM takes the same clean-up path as Ctrl-C. The flag is kept because a KeyboardInterrupt
-    # raised while native code (safetensors, torch) is calling back into Python can be swallowed and
-    # resurface as an unrelated error, e.g. "could not determine the shape of object type".
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
-
-
-def _install_interrupt_handlers() -> None:
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # keep SIGINT ignored if it is
-        signal.signal(signal.SIGINT, _raise_interrupt)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    _install_interrupt_handlers()
+    interrupts.install_handlers()
     runners = {"convert": _run_convert, "inspect": _run_inspect}
     try:
         if args.command in runners:
             return runners[args.command](args)
         return args.run(args)
     except (KeyboardInterrupt, Exception) as e:
-        if isinstance(e, KeyboardInterrupt) or _interrupted:
+        if isinstance(e, KeyboardInterrupt) or interrupts.interrupted():
             print(f"gptq-ascend {args.command}: interrupted; nothing was written", file=sys.stderr)
             return 130
         if isinstance(e, GPTQAscendError):

@@ -180,7 +180,7 @@ def _hf_config(src: Path) -> dict:
     return cfg
 
 
-_SKIP_FILES = {"config.json", "quantize_config.json", "quant_config.json", INDEX_NAME, PICKLE_INDEX_NAME}
+_SKIP_FILES = {"config.json", *fmt.QUANT_CONFIG_FILES, INDEX_NAME, PICKLE_INDEX_NAME}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -360,11 +360,3 @@ def verify_conversion(src: str | Path, out: str | Path, dtype: torch.dtype, allo
                     f"(max abs error {max_err:.3g}; first at {idx}: got {float(g[idx]):.6g}, "
                     f"expected {float(e[idx]):.6g})")
     return report
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

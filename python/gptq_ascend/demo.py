@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import time
@@ -24,9 +23,11 @@ from pathlib import Path
 
 import requests
 
+from . import interrupts
 from .checkpoint import Checkpoint
-from .convert import convert, human_bytes
-from .serving import VllmServer
+from .convert import convert
+from .server_process import VllmServer
+from .units import human_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "qwen3-pydoc-gptq-int8"
@@ -39,10 +40,6 @@ GREEDY_PROMPTS = ['The "try" statement specifies', 'The "with" statement', "The 
                   'The "if" statement', "The assert statement"]
 SERVE_ARGS = ["--dtype", "float16", "--max-model-len", "1024", "--max-num-seqs", "8", "--served-model-name",
               "demo"]
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def stream_completion(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=MODEL, help="GPTQ checkpoint to demo")
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "demo", help="converted model and logs")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install_handlers()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     try:

@@ -38,6 +38,8 @@ from .errors import ConfigError, FormatError
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 WORD_BITS = 32
+# Where a checkpoint keeps its quantization settings when config.json has no quantization_config.
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 
 # Fields that only steer the quantization run, not the stored arithmetic: accepted and ignored.
 _IGNORED_FIELDS = {
@@ -214,7 +216,7 @@ class GPTQConfig:
         hf_config = read_json(config_path) if config_path.exists() else None
         if hf_config is not None and "quantization_config" in hf_config:
             return cls.from_dict(hf_config["quantization_config"], f"{config_path} [quantization_config]")
-        for name in ("quantize_config.json", "quant_config.json"):
+        for name in QUANT_CONFIG_FILES:
             path = model_dir / name
             if path.exists():
                 return cls.from_dict(read_json(path), str(path))
@@ -224,6 +226,21 @@ class GPTQConfig:
             f"{config_path}: no 'quantization_config' and no quantize_config.json beside it: "
             "this is not a GPTQ checkpoint"
         )
+
+    @staticmethod
+    def present(model_dir: str | Path) -> bool:
+        """Whether :meth:`load` would find quantization settings in ``model_dir`` (without checking them).
+
+        The same files, read by the same reader, as :meth:`load`: callers that must tell a GPTQ folder
+        from a plain one (and load the plain one some other way) ask this instead of reading JSON.
+        """
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        if config_path.exists():
+            hf_config = read_json(config_path)
+            if isinstance(hf_config, dict) and "quantization_config" in hf_config:
+                return True
+        return any((model_dir / name).exists() for name in QUANT_CONFIG_FILES)
 
     def spec_for(self, module_name: str) -> QuantSpec | None:
         """The settings of ``module_name``, or None when the config leaves it unquantized.

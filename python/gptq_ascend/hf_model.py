@@ -8,7 +8,6 @@ per-layer hidden states available.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -41,21 +40,12 @@ class GPTQLinear(nn.Module):
         return f"{self.in_features}->{self.out_features}, {s.bits}-bit g{s.group_size}, backend={self.backend.name}"
 
 
-def is_gptq(path: str | Path) -> bool:
-    path = Path(path)
-    if (path / "config.json").exists():
-        cfg = json.loads((path / "config.json").read_text())
-        if "quantization_config" in cfg:
-            return True
-    return (path / "quantize_config.json").exists()
-
-
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None) -> nn.Module:
     """A transformers causal LM for ``path``; GPTQ checkpoints run through ops backends."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    if not is_gptq(path):
+    if not fmt.GPTQConfig.present(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     qcfg = fmt.GPTQConfig.load(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import format as fmt
 from .checkpoint import ST_ITEMSIZE, Checkpoint
-from .convert import human_bytes
+from .units import human_bytes
 
 
 @dataclass
@@ -17,6 +17,24 @@ class Mode:
     name: str
     runnable: bool
     why: str
+
+
+@dataclass
+class LayerShape:
+    """The quantized layers of one setting and shape, and the backend each device would run them on.
+
+    Shapes are the checkpoint's modules at tensor_parallel_size 1 (vLLM fuses q/k/v and gate/up into
+    one matrix of the summed N, which every backend takes whenever it takes the parts).
+    """
+
+    setting: str
+    in_features: int
+    out_features: int
+    layers: int
+    cpu_backend: str  # what ops.choose_backend picks on CPU (the plugin's and verify's choice)
+    cpu_why: str
+    npu_backend: str | None = None  # only where torch_npu is installed
+    npu_why: str = ""
 
 
 @dataclass
@@ -29,6 +47,7 @@ class Inspection:
     stored_bytes: int
     fp16_bytes: int
     modes: list[Mode] = field(default_factory=list)
+    layer_shapes: list[LayerShape] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +71,20 @@ class Inspection:
         for m in self.modes:
             mark = "yes" if m.runnable else "no "
             lines.append(f"    [{mark}] {m.name:<12} {m.why}")
+        lines.append("  backend per layer shape (K -> N):")
+        for sh in self.layer_shapes:
+            where = [f"CPU: {_backend_text(sh.cpu_backend, sh.cpu_why, 'cpu')}"]
+            if sh.npu_backend is not None:
+                where.append(f"NPU: {_backend_text(sh.npu_backend, sh.npu_why, 'npu')}")
+            lines.append(f"    {sh.setting:<22} {sh.in_features:>6} -> {sh.out_features:<6} x{sh.layers:<4} "
+                         + "; ".join(where))
         return "\n".join(lines)
+
+
+def _backend_text(name: str, why: str, device: str) -> str:
+    from .ops import PREFERENCE
+
+    return name if name == PREFERENCE[device][0] else why  # why names the backend and what it skipped
 
 
 def _spec_label(spec: fmt.QuantSpec) -> str:
@@ -73,10 +105,9 @@ def inspect_checkpoint(src: str | Path, allow_pickle: bool = False) -> Inspectio
         if name not in quant_names:
             fp16 += ckpt.nbytes(name) // ST_ITEMSIZE[st_dtype] * 2
     per_setting: Counter[str] = Counter()
-    specs = []
+    shapes: list[tuple[fmt.QuantSpec, int, int]] = []
     for prefix in layers:
         spec = config.spec_for(prefix) or config.default
-        specs.append((prefix, spec))
         per_setting[_spec_label(spec)] += 1
         _, qshape = ckpt.meta(f"{prefix}.qweight")
         if f"{prefix}.g_idx" in ckpt.tensor_file:
@@ -84,17 +115,42 @@ def inspect_checkpoint(src: str | Path, allow_pickle: bool = False) -> Inspectio
         else:
             k = qshape[0] * fmt.WORD_BITS // spec.bits
         fp16 += 2 * k * qshape[1]
+        shapes.append((spec, k, qshape[1]))
     d = config.default
     settings = {"bits": d.bits, "group_size": d.group_size, "sym": d.sym, "desc_act": d.desc_act,
                 "checkpoint_format": d.checkpoint_format, "lm_head": config.lm_head,
                 "dynamic": [("-:" if not q else "+:") + p for p, q, _ in config.dynamic]}
     info = Inspection(str(src), settings, len(layers), len(ckpt.names()) - len(quant_names),
                       dict(per_setting), stored, fp16)
-    info.modes = available_modes(specs)
+    info.layer_shapes = backends_per_shape(shapes)
+    info.modes = available_modes(info.layer_shapes)
     return info
 
 
-def available_modes(specs: list[tuple[str, fmt.QuantSpec]]) -> list[Mode]:
+def _choice(device: str, spec: fmt.QuantSpec, k: int, n: int) -> tuple[str, str]:
+    from .errors import BackendError
+    from .ops import choose_backend
+
+    try:
+        backend, why = choose_backend(device, spec, k, n)
+    except BackendError as e:
+        return "none", str(e)
+    return backend.name, why
+
+
+def backends_per_shape(shapes: list[tuple[fmt.QuantSpec, int, int]]) -> list[LayerShape]:
+    """Group layers by (setting, K, N), in checkpoint order, with the backend each device would use."""
+    count: Counter[tuple[fmt.QuantSpec, int, int]] = Counter(shapes)
+    on_npu = importlib.util.find_spec("torch_npu") is not None
+    out = []
+    for spec, k, n in count:  # a Counter keeps first-seen order
+        cpu, cpu_why = _choice("cpu", spec, k, n)
+        npu, npu_why = _choice("npu", spec, k, n) if on_npu else (None, "")
+        out.append(LayerShape(_spec_label(spec), k, n, count[(spec, k, n)], cpu, cpu_why, npu, npu_why))
+    return out
+
+
+def available_modes(shapes: list[LayerShape]) -> list[Mode]:
     """Which modes can run a checkpoint with these layers on this machine, and why not."""
     from .ops import backends
 
@@ -106,11 +162,11 @@ def available_modes(specs: list[tuple[str, fmt.QuantSpec]]) -> list[Mode]:
         modes.append(Mode("online CPU", False, "vllm is not installed in this environment"))
     else:
         cpu_ok, why = cpu.available() if cpu else (False, "the CPU kernel is not part of this install")
-        slow = [p for p, s in specs if cpu_ok and not cpu.can_implement(s, 1024, 1024)[0]]
+        slow = sum(sh.layers for sh in shapes if cpu_ok and sh.cpu_backend != "cpu")
         if cpu_ok and not slow:
             modes.append(Mode("online CPU", True, "vLLM + the fused C++ kernel"))
         elif cpu_ok:
-            modes.append(Mode("online CPU", True, f"vLLM; {len(slow)} layer(s) fall back to the reference "
+            modes.append(Mode("online CPU", True, f"vLLM; {slow} layer(s) fall back to the reference "
                                                   "dequant (slow)"))
         else:
             modes.append(Mode("online CPU", True, f"vLLM with the reference backend only (slow): {why}"))

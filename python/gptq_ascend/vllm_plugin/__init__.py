@@ -11,7 +11,7 @@ import logging
 
 logger = logging.getLogger("vllm.gptq_ascend")
 
-NAME = "gptq_ascend"
+NAME = "gptq_ascend"  # the --quantization value; here, not in config.py, so that it imports without vLLM
 _registered = False
 
 

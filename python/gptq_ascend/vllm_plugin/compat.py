@@ -15,7 +15,8 @@ register_weight_loader_v2_...       may be absent: append to the list   decorato
 ==================================  ==================================  =========================================
 
 Everything here is written so that it can be exercised with stand-ins for the vLLM objects of versions
-that cannot be installed beside torch 2.13 (tests/test_vllm_plugin_compat.py does that).
+that cannot be installed beside torch 2.13: tests/test_vllm_plugin_units.py does that, calling the
+changed hooks both ways through tests/vllm_compat_helpers.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,11 +56,6 @@ def check_vllm_version(version: tuple[int, int, int] | None = None) -> str | Non
         return (f"gptq_ascend: vLLM {'.'.join(map(str, v))} is outside the tested range "
                 f"{'.'.join(map(str, MIN_VLLM))}..{'.'.join(map(str, MAX_VLLM))}")
     return None
-
-
-def drops_g_idx_by_default(version: tuple[int, int, int] | None = None) -> bool:
-    """vLLM >= 0.30's QuantizationConfig.get_checkpoint_weight_mapper drops every ``.g_idx``."""
-    return (version or vllm_version())[:2] >= (0, 30)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,23 +211,3 @@ def expose_weight(layer: torch.nn.Module, tensor: torch.Tensor) -> None:
     if "weight" in layer._buffers:
         del layer._buffers["weight"]
     object.__setattr__(layer, "weight", tensor)
-
-
-# --------------------------------------------------------------------------------------------------
-# Hooks whose signatures changed: adapters the tests call with both calling conventions
-# --------------------------------------------------------------------------------------------------
-
-
-def call_override(method: Callable, hf_quant_cfg: dict, user_quant: str | None, hf_config: Any = None,
-                  version: tuple[int, int, int] | None = None) -> Any:
-    """Call ``override_quantization_method`` the way vLLM ``version`` does (tests use this)."""
-    if (version or vllm_version())[:2] < (0, 20):
-        return method(hf_quant_cfg, user_quant)
-    return method(hf_quant_cfg, user_quant, hf_config=hf_config)
-
-
-def call_maybe_update_config(cfg: Any, model_name: str, hf_config: Any = None, revision: Any = None,
-                             version: tuple[int, int, int] | None = None) -> Any:
-    if (version or vllm_version())[:2] < (0, 20):
-        return cfg.maybe_update_config(model_name)
-    return cfg.maybe_update_config(model_name, hf_config=hf_config, revision=revision)

@@ -19,11 +19,9 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from ..errors import ConfigError
 from ..format import GPTQConfig, QuantSpec
-from . import compat
+from . import NAME, compat
 
 logger = logging.getLogger("vllm.gptq_ascend")
-
-NAME = "gptq_ascend"
 
 # Fields gptq_ascend refuses although format.GPTQConfig would read past them: they change the layout.
 _LAYOUT_FLAGS = ("is_marlin_format",)

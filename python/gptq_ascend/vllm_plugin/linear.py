@@ -109,6 +109,21 @@ def _(x, tensors, perm, bias, backend, names, bits, group_size, sym, desc_act, c
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """This rank's slice of a layer, as ``create_weights`` laid it out for the loaders."""
+
+    k_part: int  # in_features on this rank
+    n_part: int  # out_features on this rank: sum(sizes)
+    sizes: tuple[int, ...]  # output partition sizes (the shards of a fused layer)
+    row_parallel: bool  # K is split across ranks
+    whole_scales: bool  # every rank holds every group's scales (row-parallel act-order / group_size -1)
+    group: int  # the effective group size
+    tp_rank: int
+    tp_size: int
+    input_size: int  # in_features of the whole layer
+
+
 @dataclass
 class Part:
     index: int
@@ -169,6 +184,70 @@ def regularize(t: fmt.GPTQTensors, spec: fmt.QuantSpec, in_features: int
     out = fmt.GPTQTensors(qweight, t.qzeros, t.scales, None, None)
     fmt.validate_layer("regularized", out, new_spec, new_k)
     return out, new_spec, new_k, gather
+
+
+def regroup(t: fmt.GPTQTensors, spec: fmt.QuantSpec, k: int
+            ) -> tuple[fmt.GPTQTensors, fmt.QuantSpec, int, torch.Tensor | None]:
+    """One part's tensors in a form every backend takes: (tensors, spec, K, gather or None).
+
+    Groups this rank does not use are dropped; ``g_idx`` is dropped when it is the default order, kept
+    (act-order) when the groups are equal but permuted, and otherwise the rows are regrouped into equal
+    zero-padded groups by :func:`regularize`, whose ``gather`` feeds x in that order.
+    """
+    gi = t.g_idx.to(torch.int64)
+    counts = torch.bincount(gi, minlength=t.scales.shape[0])
+    if bool((counts == 0).any()):
+        # Whole scales on a row-parallel rank: keep only the groups this rank's rows use.
+        used = torch.nonzero(counts).flatten()
+        remap = torch.full((t.scales.shape[0],), -1, dtype=torch.int64)
+        remap[used] = torch.arange(used.numel())
+        t = fmt.GPTQTensors(t.qweight, t.qzeros[used].contiguous(), t.scales[used].contiguous(),
+                            remap[gi].to(torch.int32), None)
+        gi = remap[gi]
+    rows = t.scales.shape[0]
+    group = spec.group_size if rows > 1 else -1
+    if rows == 1 and spec.group_size != -1 and spec.num_groups(k) != 1:
+        spec = replace(spec, group_size=-1)
+    default = fmt.default_g_idx(k, group).to(torch.int64)
+    if rows == spec.num_groups(k) and torch.equal(gi, default):
+        return replace(t, g_idx=None), replace(spec, desc_act=False), k, None
+    if rows == spec.num_groups(k) and torch.equal(torch.sort(gi).values, default):
+        return replace(t, g_idx=gi.to(torch.int32)), replace(spec, desc_act=True), k, None
+    return regularize(replace(t, g_idx=gi.to(torch.int32)), spec, k)
+
+
+def _choose_backend(spec: fmt.QuantSpec, k: int, n: int) -> tuple[ops.Backend, str]:
+    """``ops.choose_backend`` on vLLM's device, honouring ``GPTQ_ASCEND_BACKEND``."""
+    prefer = os.environ.get(BACKEND_ENV) or None
+    backend, reason = ops.choose_backend(compat.device_type(), spec, k, n, prefer=prefer)
+    if prefer:
+        reason += f" ({BACKEND_ENV}={prefer})"
+    return backend, reason
+
+
+def _log_choice(prefix: str, backend: ops.Backend, reason: str, spec: fmt.QuantSpec) -> None:
+    # Once per kind of layer at INFO (a model has hundreds of layers), every layer at DEBUG.
+    key = (backend.name, reason, spec.bits, spec.desc_act)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logger.info("gptq_ascend: %d-bit %s layers (first: %s) run on the %s", spec.bits,
+                    "act-order" if spec.desc_act else "group-ordered", prefix, reason)
+    logger.debug("gptq_ascend: %s -> %s (%s)", prefix, backend.name, reason)
+
+
+def _register_part(layer: torch.nn.Module, index: int, backend: ops.Backend, packed: ops.PackedWeight,
+                   k: int, n: int, gather: torch.Tensor | None) -> Part:
+    """Register a part's packed tensors on ``layer`` as (non-persistent) buffers; return its Part."""
+    part = Part(index=index, backend=backend.name, spec=packed.spec, in_features=k, out_features=n,
+                names=tuple(packed.tensors), has_perm=packed.perm is not None, has_gather=gather is not None,
+                compile_safe=bool(getattr(backend, "compile_safe", False)))
+    for name, tensor in packed.tensors.items():
+        layer.register_buffer(part.buffer(name), tensor, persistent=False)
+    if packed.perm is not None:
+        layer.register_buffer(part.buffer("_perm"), packed.perm, persistent=False)
+    if gather is not None:
+        layer.register_buffer(part.buffer("_gather"), gather, persistent=False)
+    return part
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,9 +314,9 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         layer.register_parameter("g_idx", g_idx)
         layer.register_parameter("scales", scales)
         layer.register_parameter("qzeros", qzeros)
-        self._layout = dict(k_part=k_part, n_part=n_part, sizes=list(output_partition_sizes),
-                            row_parallel=row_parallel, whole_scales=whole_scales, group=group,
-                            tp_rank=tp_rank, tp_size=tp_size, input_size=input_size)
+        self._layout = RankLayout(k_part=k_part, n_part=n_part, sizes=tuple(output_partition_sizes),
+                                  row_parallel=row_parallel, whole_scales=whole_scales, group=group,
+                                  tp_rank=tp_rank, tp_size=tp_size, input_size=input_size)
         # vLLM-Ascend reads layer.weight (weight prefetch) from the moment the layer exists.
         compat.expose_weight(layer, qweight.data)
 
@@ -319,12 +398,12 @@ class GPTQAscendLinearMethod(LinearMethodBase):
                 raise FormatError(f"{self.prefix}.{name}: not found in the checkpoint")
         if bool((g_idx < 0).any()):
             # Absent from the checkpoint: the default order, as global group ids of this rank's rows.
-            k0 = lay["tp_rank"] * lay["k_part"] if lay["row_parallel"] else 0
-            g_idx = fmt.default_g_idx(lay["input_size"], self.spec.group_size)[k0:k0 + lay["k_part"]]
+            k0 = lay.tp_rank * lay.k_part if lay.row_parallel else 0
+            g_idx = fmt.default_g_idx(lay.input_size, self.spec.group_size)[k0:k0 + lay.k_part]
             self._g_idx_shards = {}
-        if lay["row_parallel"] and not lay["whole_scales"]:
+        if lay.row_parallel and not lay.whole_scales:
             # The rank holds groups [first, first + k_part/group) of scales; g_idx holds global ids.
-            g_idx = g_idx - lay["tp_rank"] * (lay["k_part"] // lay["group"])
+            g_idx = g_idx - lay.tp_rank * (lay.k_part // lay.group)
             if bool((g_idx < 0).any()) or bool((g_idx >= scales.shape[0]).any()):
                 raise FormatError(
                     f"{self.prefix}.g_idx: rows are not in group order although desc_act is false; under "
@@ -333,20 +412,20 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         pieces: list[tuple[int, int, torch.Tensor | None]]  # (column start, column end, g_idx)
         shards = self._g_idx_shards
         if g_idx is not None and len(shards) > 1 and not _all_equal(list(shards.values())):
-            if lay["row_parallel"]:
+            if lay.row_parallel:
                 raise FormatError(f"{self.prefix}.g_idx: shards disagree on a row-parallel layer")
-            offsets = _shard_offsets(lay["sizes"], shards.keys())
-            if len(offsets) != len(lay["sizes"]):
+            offsets = _shard_offsets(lay.sizes, shards.keys())
+            if len(offsets) != len(lay.sizes):
                 raise FormatError(f"{self.prefix}.g_idx: shards {sorted(map(str, shards))} disagree and not "
-                                  f"every one of the {len(lay['sizes'])} shards was loaded")
+                                  f"every one of the {len(lay.sizes)} shards was loaded")
             pieces = sorted((c0, c1, shards[sid]) for sid, (c0, c1) in offsets.items())
         else:
-            pieces = [(0, lay["n_part"], g_idx)]
+            pieces = [(0, lay.n_part, g_idx)]
 
         self.parts = []
         for c0, c1, gi in pieces:
             z0 = c0 * self.spec.bits // 32
-            z1 = fmt.packed_len(c1, self.spec.bits) if c1 == lay["n_part"] else c1 * self.spec.bits // 32
+            z1 = fmt.packed_len(c1, self.spec.bits) if c1 == lay.n_part else c1 * self.spec.bits // 32
             t = fmt.GPTQTensors(qweight[:, c0:c1].contiguous(), qzeros[:, z0:z1].contiguous(),
                                 scales[:, c0:c1].contiguous(), gi, None)
             self._add_part(layer, t, c1 - c0)
@@ -360,51 +439,11 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         self._g_idx_shards = {}
 
     def _add_part(self, layer: torch.nn.Module, t: fmt.GPTQTensors, n: int) -> None:
-        spec, k = self.spec, self._layout["k_part"]
-        gi = t.g_idx.to(torch.int64)
-        counts = torch.bincount(gi, minlength=t.scales.shape[0])
-        if bool((counts == 0).any()):
-            # Whole scales on a row-parallel rank: keep only the groups this rank's rows use.
-            used = torch.nonzero(counts).flatten()
-            remap = torch.full((t.scales.shape[0],), -1, dtype=torch.int64)
-            remap[used] = torch.arange(used.numel())
-            t = fmt.GPTQTensors(t.qweight, t.qzeros[used].contiguous(), t.scales[used].contiguous(),
-                                remap[gi].to(torch.int32), None)
-            gi = remap[gi]
-        rows = t.scales.shape[0]
-        group = spec.group_size if rows > 1 else -1
-        if rows == 1 and spec.group_size != -1 and spec.num_groups(k) != 1:
-            spec = replace(spec, group_size=-1)
-        default = fmt.default_g_idx(k, group).to(torch.int64)
-        gather = None
-        if rows == spec.num_groups(k) and torch.equal(gi, default):
-            t, spec = replace(t, g_idx=None), replace(spec, desc_act=False)
-        elif rows == spec.num_groups(k) and torch.equal(torch.sort(gi).values, default):
-            t, spec = replace(t, g_idx=gi.to(torch.int32)), replace(spec, desc_act=True)
-        else:
-            t, spec, k, gather = regularize(replace(t, g_idx=gi.to(torch.int32)), spec, k)
-        device = compat.device_type()
-        prefer = os.environ.get(BACKEND_ENV) or None
-        backend, reason = ops.choose_backend(device, spec, k, n, prefer=prefer)
-        if prefer:
-            reason += f" ({BACKEND_ENV}={prefer})"
-        key = (backend.name, reason, spec.bits, spec.desc_act)
-        if key not in _logged_choices:
-            _logged_choices.add(key)
-            logger.info("gptq_ascend: %d-bit %s layers (first: %s) run on the %s", spec.bits,
-                        "act-order" if spec.desc_act else "group-ordered", self.prefix, reason)
-        logger.debug("gptq_ascend: %s -> %s (%s)", self.prefix, backend.name, reason)
+        t, spec, k, gather = regroup(t, self.spec, self._layout.k_part)
+        backend, reason = _choose_backend(spec, k, n)
+        _log_choice(self.prefix, backend, reason, spec)
         packed = backend.repack(t, spec, k)
-        part = Part(index=len(self.parts), backend=backend.name, spec=packed.spec, in_features=k,
-                    out_features=n, names=tuple(packed.tensors), has_perm=packed.perm is not None,
-                    has_gather=gather is not None, compile_safe=bool(getattr(backend, "compile_safe", False)))
-        for name, tensor in packed.tensors.items():
-            layer.register_buffer(part.buffer(name), tensor, persistent=False)
-        if packed.perm is not None:
-            layer.register_buffer(part.buffer("_perm"), packed.perm, persistent=False)
-        if gather is not None:
-            layer.register_buffer(part.buffer("_gather"), gather, persistent=False)
-        self.parts.append(part)
+        self.parts.append(_register_part(layer, len(self.parts), backend, packed, k, n, gather))
 
     # ---- forward -------------------------------------------------------------------------------
 

