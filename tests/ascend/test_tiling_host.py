@@ -3,7 +3,7 @@
 * ``test_tiling`` (csrc/ascend/tests/test_tiling.cpp): UB capacity 192 KB and smaller, 32-byte alignment,
   N/K tails, ragged last groups, core counts 1..40, and a CPU emulation of the kernel's tile loop
   against a naive dequant.
-* ``tiling_plan`` vs ``triton_dequant.plan_tiling``: the Triton kernel (the executable specification)
+* ``tiling_plan`` vs ``tiling.plan_tiling``: the Triton kernel (the executable specification)
   is planned by the very same algorithm, field for field.
 No CANN is involved: this is host code only.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gptq_ascend.backends import triton_dequant
+from gptq_ascend.backends.ascend import tiling
 
 ROOT = Path(__file__).resolve().parents[2]
 ASCEND = ROOT / "csrc" / "ascend"
@@ -85,8 +85,8 @@ def test_python_plan_matches_host_tiling(tiling_bins):
         host = json.loads(line)
         statuses.add(host["status"])
         try:
-            plan = triton_dequant.plan_tiling(*query)
-        except triton_dequant.TilingError as e:
+            plan = tiling.plan_tiling(*query)
+        except tiling.TilingError as e:
             assert host["status"] == e.status, (query, host, str(e))
             assert host["message"] in str(e)
             continue
@@ -97,12 +97,12 @@ def test_python_plan_matches_host_tiling(tiling_bins):
 
 def test_python_tile_walk_covers_output_once():
     """tile_at / core_range (the Python twins of TileAt / CoreRange) on one ragged plan."""
-    plan = triton_dequant.plan_tiling(200, 70, 4, 64, 2, 7, 4096)
+    plan = tiling.plan_tiling(200, 70, 4, 64, 2, 7, 4096)
     seen = set()
     for core in range(8):
-        first, count = triton_dequant.core_range(plan, core)
+        first, count = tiling.core_range(plan, core)
         for t in range(first, first + count):
-            w0, rows, group, c0, cols = triton_dequant.tile_at(plan, t)
+            w0, rows, group, c0, cols = tiling.tile_at(plan, t)
             for w in range(w0, w0 + rows):
                 assert all((w * plan.pack_factor + j) // plan.group_size == group
                            for j in range(plan.pack_factor) if w * plan.pack_factor + j < plan.k)
