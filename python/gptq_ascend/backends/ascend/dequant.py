@@ -79,6 +79,26 @@ def ascendc_library_path() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "lib" / LIB_NAME
 
 
+def library_build_record() -> dict | None:
+    """What setup.py's Ascend build recorded (lib/ascendc_build.json), or None when it never ran."""
+    import json
+
+    path = ascendc_library_path().with_name("ascendc_build.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def library_build_failure() -> str:
+    """The recorded reason the AscendC library failed to build under CANN, or ""."""
+    rec = library_build_record()
+    if rec and not rec.get("built"):
+        return (f"the AscendC op library failed to build for {rec.get('soc')} with CANN at {rec.get('cann')}: "
+                f"{rec.get('error')} (the fused op and the Triton kernel need no custom library)")
+    return ""
+
+
 def ascendc_status() -> tuple[bool, str]:
     """Load csrc/ascend's op library once; (True, "") when torch.ops.gptq_ascend.ascend_dequant exists."""
     global _lib_state
@@ -90,8 +110,9 @@ def ascendc_status() -> tuple[bool, str]:
         if torch_npu is None:
             _lib_state = (False, why)
         elif not path.exists():
-            _lib_state = (False, f"the AscendC op library was not built ({path} is missing; build with "
-                                 "ASCEND_HOME_PATH set, see docs/ascend.md)")
+            _lib_state = (False, library_build_failure() or
+                          f"the AscendC op library was not built ({path} is missing; build with "
+                          "ASCEND_HOME_PATH set, see docs/ascend.md)")
         else:
             try:
                 torch.ops.load_library(str(path))
