@@ -143,8 +143,10 @@ def run_pytest(item: Item, root: Path, args: list[str], out: Path, timeout: floa
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         counts = {k: int(suite.get(k, 0)) for k in counts}
     item.details = {**counts, "log": str(out / f"{item.id}.log"), "tail": r.stdout.splitlines()[-15:]}
-    if r.returncode == 0 and counts["tests"] and not counts["skipped"]:
+    if r.returncode == 0 and counts["tests"] > counts["skipped"]:
         item.status = PASS
+        if counts["skipped"]:   # under GPTQ_ASCEND_REQUIRE_NPU=1 only legitimate ones, e.g. TP=2 on one card
+            item.reason = f"{counts['skipped']} of {counts['tests']} skipped (reasons in the log)"
     elif r.returncode == 0 and counts["tests"] == counts["skipped"]:
         item.status, item.reason = SKIPPED, "every test skipped (see the log)"
     else:
