@@ -16,7 +16,6 @@ the CPU tests' GPTQModel tolerances plus 0.05 for the NPU's fp16 accumulation or
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +25,10 @@ import pytest
 from gptq_ascend.backends.ascend import device
 
 from ..conftest import fixture_info, gptq_fixture_dirs
+from .require import need
 
 pytestmark = pytest.mark.npu
 
-REQUIRE_ENV = "GPTQ_ASCEND_REQUIRE_NPU"
 FIXTURES = {p.name: p for p in gptq_fixture_dirs()}
 TOL_NPU = {"float16": 0.15, "bfloat16": 0.35}   # vs GPTQModel's logits, by the dtype GPTQModel ran in
 TOL_OFFLINE = 0.05                               # online gptq_ascend vs the converted FP16 checkpoint
@@ -40,23 +39,17 @@ ACT_ORDER = "qwen3-int4-g32-descact"
 DTYPE = "float16"
 
 
-def _need(ok: bool, why: str) -> None:
-    if not ok:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but: {why}")
-        pytest.skip(why)
-
 
 @pytest.fixture(scope="module")
 def engine():
     """The CPU engine tests' helpers, once an NPU and vLLM-Ascend are there."""
     ok, why = device.npu_status()
-    _need(ok, f"no NPU here: {why}")
+    need(ok, f"no NPU here: {why}")
     try:
         import vllm_ascend  # noqa: F401
     except Exception as e:
-        _need(False, f"vllm_ascend is not importable ({type(e).__name__}: {e})")
-    _need(bool(FIXTURES), "tests/fixtures has no GPTQModel-written checkpoints")
+        need(False, f"vllm_ascend is not importable ({type(e).__name__}: {e})")
+    need(bool(FIXTURES), "tests/fixtures has no GPTQModel-written checkpoints")
     from .. import test_vllm_plugin_engine as helpers
 
     return helpers

@@ -14,8 +14,6 @@ What it checks (all against ground truth computed on CPU from the generating cod
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -24,24 +22,18 @@ from gptq_ascend.backends import npu
 from gptq_ascend.backends.ascend import dequant, fused
 from gptq_ascend.backends.ascend import device as npu_device
 
+from .require import need
 from .vendor_model import random_layer, wqbmm_model
 
 pytestmark = pytest.mark.npu
 
-REQUIRE_ENV = "GPTQ_ASCEND_REQUIRE_NPU"
 
-
-def _need(ok: bool, why: str):
-    if not ok:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but: {why}")
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
 def device():
     ok, why = npu_device.npu_status()
-    _need(ok, f"no NPU here: {why}")
+    need(ok, f"no NPU here: {why}")
     return torch.device("npu", torch.npu.current_device())
 
 
@@ -103,7 +95,7 @@ def _mode_available(mode: str) -> tuple[bool, str]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"int{c[0]}-{c[1]}x{c[2]}-g{c[3]}-{'sym' if c[4] else 'asym'}"
                                                       f"-{c[5]}{'-act' if c[6] else ''}")
 def test_npu_paths_match_ground_truth(device, case, mode, dtype):
-    _need(*_mode_available(mode))
+    need(*_mode_available(mode))
     bits, k, n, group, sym, f, act = case
     layer = random_layer(bits, k, n, group, sym, f, act, seed=k + n + bits)
     if mode == "fused":
