@@ -12,7 +12,8 @@ PASS, FAIL, SKIPPED (with the reason) or INFO (facts, not checks):
 3. the kernel tests: ``GPTQ_ASCEND_REQUIRE_NPU=1 pytest -m npu tests/ascend`` (every path vs ground truth);
 4. the engine tests: the same for tests/ascend/test_npu_engine.py (vLLM-Ascend end to end);
 5. ``python -m benchmarks.dequant --device npu``: fused, AscendC, Triton and dense FP16 as columns;
-6. ``python -m benchmarks.e2e --device npu --model PATH``: online gptq_ascend vs offline FP16.
+6. ``python -m benchmarks.e2e --device npu --model PATH``, graph mode and ``--enforce-eager``: online
+   gptq_ascend vs offline FP16.
 
 Without an NPU every hardware item is SKIPPED with what is missing; a skip is never a pass. Exit status:
 0 all hardware items passed, 1 something failed, 3 nothing failed but something was skipped.
@@ -210,10 +211,12 @@ def validate(model: str | None, out: Path, quick: bool, timeout: float) -> list[
     dq = Item("dequant-benchmark", "benchmarks.dequant --device npu",
               "per layer shape, bits and M: time of the fused op, the AscendC and Triton dequant paths, the "
               "automatic choice and dense FP16 torch.matmul, interleaved, median")
-    e2e = Item("e2e-benchmark", "benchmarks.e2e --device npu --model PATH",
-               "online gptq_ascend vs offline FP16 on vLLM-Ascend: decode tok/s at batch 1/8/64, TTFT, weight "
-               "memory, start-up, eager and graph (target: batch-1 decode >= 1.5x FP16 on a 910B)")
-    hardware = [kernel, engine, dq, e2e]
+    e2e_what = ("online gptq_ascend vs offline FP16 on vLLM-Ascend: decode tok/s at batch 1/8/64, TTFT, weight "
+                "memory, start-up (target: batch-1 decode >= 1.5x FP16 on a 910B)")
+    e2e_runs = {"e2e-graph": [], "e2e-eager": ["--enforce-eager"]}
+    e2e = [Item(name, f"benchmarks.e2e --device npu --model PATH{' ' + ' '.join(extra) if extra else ''}",
+                f"{e2e_what}; {'graph mode' if not extra else 'eager mode'}") for name, extra in e2e_runs.items()]
+    hardware = [kernel, engine, dq, *e2e]
     if not npu_ok:
         for item in hardware:
             item.reason = f"no NPU: {npu_why}"
@@ -232,15 +235,15 @@ def validate(model: str | None, out: Path, quick: bool, timeout: float) -> list[
         _, data = run_benchmark(dq, root, cmd + (["--quick"] if quick else []), out, timeout)
         if data:
             dq.details["table"] = dequant_table(data)
-        if model is None:
-            e2e.reason = "no --model PATH given (a GPTQ checkpoint, e.g. Qwen3-1.7B-GPTQ-Int8)"
-        else:
-            e2e_json = out / "e2e-benchmark.json"
+        for item in e2e:
+            if model is None:
+                item.reason = "no --model PATH given (a GPTQ checkpoint, e.g. Qwen3-1.7B-GPTQ-Int8)"
+                continue
             cmd = [sys.executable, "-m", "benchmarks.e2e", "--device", "npu", "--model", model,
-                   "--json", str(e2e_json)]
-            _, data = run_benchmark(e2e, root, cmd, out, timeout)
+                   *e2e_runs[item.id], "--json", str(out / f"{item.id}.json")]
+            _, data = run_benchmark(item, root, cmd, out, timeout)
             if data:
-                e2e.details["result"] = data
+                item.details["result"] = data
     items += hardware
     return items
 
