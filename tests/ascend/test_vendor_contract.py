@@ -282,7 +282,8 @@ def test_npu_platform_list_takes_registered_quantization_methods(va):
     assert isinstance(stmt, ast.AnnAssign) and ast.unparse(stmt.annotation) == "list[str]"
     assert isinstance(stmt.value, ast.List) and stmt.value.elts
     assert ast.literal_eval(dedented_ast(plat["NPUPlatform.device_type"]).body[0].value) == "npu"
-    from vllm.model_executor.layers import quantization
+    # vLLM itself (make test's venv has it; .venv-ascend, the toolchain venv, does not)
+    quantization = pytest.importorskip("vllm.model_executor.layers.quantization")
 
     assert "current_platform.supported_quantization" in inspect.getsource(quantization.register_quantization_config)
 
@@ -302,8 +303,7 @@ LINEAR_WEIGHT_READERS = {
 
 
 def test_ascend_linear_classes_subclass_vllm_linears_and_ask_the_quant_config(va):
-    from vllm.model_executor.layers import linear as vl
-
+    vl = pytest.importorskip("vllm.model_executor.layers.linear")   # absent from .venv-ascend
     classes = excerpt(va, "linear.py")
     base = dedented_ast(classes["AscendLinearBase"])
     assert "quant_config.get_quant_method(self, prefix=prefix)" in ast.unparse(base)
