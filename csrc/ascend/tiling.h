@@ -1,8 +1,8 @@
 // Host-side tiling of the GPTQ dequant kernel (csrc/ascend/kernels/gptq_dequant.cpp).
 //
 // Plain C++17, no CANN dependency: it is compiled and unit-tested on machines without the toolkit
-// (csrc/ascend/tests/test_tiling.cpp), and its Python twin (python/gptq_ascend/backends/
-// triton_dequant.py, plan_tiling) is checked against it field by field.
+// (csrc/ascend/tests/test_tiling.cpp), and its Python twin (python/gptq_ascend/backends/ascend/
+// tiling.py, plan_tiling: the plan the Triton kernel follows) is checked against it field by field.
 //
 // The problem: a GPTQ layer with K inputs, N outputs, `bits` in {4, 8}; qweight int32 [ceil(K/pf), N]
 // packs pf = 32/bits consecutive input rows per word, least-significant bits first. Groups are

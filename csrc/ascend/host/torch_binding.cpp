@@ -6,7 +6,7 @@
 //     scales [G, N] in float16 or bfloat16, bits 4 or 8, dtype float16 or bfloat16.
 //   ascend_gemm(x, qweight, zeros, scales, perm?, bias?, bits, group_size, in_features) -> y = x[..., perm] @ W + bias
 //     in x's dtype, shape [..., N]; the matmul is torch's NPU matmul (fp32 accumulation in the cube unit).
-// Meta/fake kernels are registered from Python (gptq_ascend.backends.npu._register_fakes).
+// Meta/fake kernels are registered from Python (gptq_ascend.backends.ascend.dequant._register_fakes).
 //
 // Built only with CANN + torch_npu (top-level CMakeLists.txt); NOT compiled or run on the machines this
 // project is developed on (no CANN, no NPU): see docs/ascend.md.

@@ -1,5 +1,5 @@
 // Prints the host tiling as JSON, one line per query, so the Python twin (plan_tiling in
-// python/gptq_ascend/backends/triton_dequant.py) can be compared with it field by field.
+// python/gptq_ascend/backends/ascend/tiling.py) can be compared with it field by field.
 // `tiling_plan --soc NAME...` prints UbBytesForSoc per name instead.
 // stdin: lines "K N bits group_size out_bytes cores ub_bytes"; stdout: one JSON object per line.
 #include <cinttypes>

@@ -149,6 +149,22 @@ def preferred_impl() -> str:
     return "ascendc" if ascendc_status()[0] else "triton"
 
 
+_triton_ub_cache: dict[str, int] = {}
+
+
+def _triton_ub(dev: torch.device) -> int:
+    """The Triton kernel's UB budget on ``dev``'s SoC, asked once per device (not per call)."""
+    key = str(dev)
+    if key not in _triton_ub_cache:
+        soc = device.soc_name(dev)
+        ub = tiling.triton_ub_bytes(soc)
+        if not ub:
+            raise BackendError(f"Triton dequant: the Unified Buffer of {soc} is not known (the kernels cover "
+                               "Atlas A2/A3 only)")
+        _triton_ub_cache[key] = ub
+    return _triton_ub_cache[key]
+
+
 def dequant_kernel_order(packed: PackedWeight, dtype: torch.dtype, impl: str) -> torch.Tensor:
     """W in kernel (permuted) row order, in ``dtype``, written by the ``impl`` kernel."""
     p = packed.tensors
@@ -161,10 +177,7 @@ def dequant_kernel_order(packed: PackedWeight, dtype: torch.dtype, impl: str) ->
 
     on_npu = p["qweight"].device.type == "npu"
     cores = device.vector_cores() if on_npu else tiling.VECTOR_CORES_910B3
-    ub = tiling.triton_ub_bytes(device.soc_name(p["qweight"].device)) if on_npu else tiling.TRITON_UB_BYTES
-    if not ub:
-        raise BackendError(f"Triton dequant: the Unified Buffer of {device.soc_name(p['qweight'].device)} is "
-                           "not known (the kernels cover Atlas A2/A3 only)")
+    ub = _triton_ub(p["qweight"].device) if on_npu else tiling.TRITON_UB_BYTES
     return triton_dequant.dequant_triton(p["qweight"], p["zeros"], p["scales"], packed.spec.bits, gs, k,
                                          dtype, core_num=cores, ub_bytes=ub)
 
