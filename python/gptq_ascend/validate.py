@@ -96,6 +96,7 @@ def environment_facts() -> Item:
         "npu": "visible" if ok else why,
         "npu_count": device.npu_count(),
         "soc": device.soc_name(),
+        "vector_cores": "{} ({})".format(*device.vector_cores_and_source()) if ok else None,
         "ascendc_library_file": str(dequant.ascendc_library_path()),
         "ascendc_library_built": dequant.ascendc_library_path().exists(),
         "ascendc_build_record": dequant.library_build_record(),

@@ -78,20 +78,33 @@ def soc_family(name: str | None) -> str:
     return "other"
 
 
-_cores: int | None = None
+_cores: tuple[int, str] | None = None
+
+
+def vector_cores_and_source() -> tuple[int, str]:
+    """Vector cores of the current NPU and where the number came from: torch_npu's device properties
+    when they carry ``vector_core_num``, else ``torch.npu.get_device_limit`` (torch_npu 2.13's
+    npu_config.py returns ``vector_core_num`` there), else the 910B3's 40 (the AscendC launcher asks ACL
+    itself)."""
+    global _cores
+    if _cores is None:
+        _cores = (VECTOR_CORES_910B3, "default (910B3)")
+        try:
+            dev = torch.npu.current_device()
+            n = int(getattr(torch.npu.get_device_properties(dev), "vector_core_num", 0) or 0)
+            if n > 0:
+                _cores = (n, "torch.npu.get_device_properties().vector_core_num")
+            elif hasattr(torch.npu, "get_device_limit"):
+                n = int(torch.npu.get_device_limit(dev).get("vector_core_num", 0) or 0)
+                if n > 0:
+                    _cores = (n, "torch.npu.get_device_limit()['vector_core_num']")
+        except Exception:
+            pass
+    return _cores
 
 
 def vector_cores() -> int:
-    """Vector cores of the current NPU, from torch_npu's device properties when it exposes them, else the
-    910B3's 40 (the AscendC launcher asks ACL itself)."""
-    global _cores
-    if _cores is None:
-        try:
-            props = torch.npu.get_device_properties(torch.npu.current_device())
-            _cores = int(getattr(props, "vector_core_num", 0)) or VECTOR_CORES_910B3
-        except Exception:
-            _cores = VECTOR_CORES_910B3
-    return _cores
+    return vector_cores_and_source()[0]
 
 
 def triton_ascend_status() -> tuple[bool, str]:
