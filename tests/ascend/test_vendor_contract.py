@@ -127,6 +127,23 @@ def test_the_schema_and_the_docs_agree_on_what_we_pass():
         assert doc_names == [a.name for a in schema.arguments][:len(doc_names)], (op, doc_names)
 
 
+def test_every_torch_npu_device_function_we_call_is_exported():
+    """``torch.npu.<name>`` (device probing, synchronize) in the package and the NPU benchmark: each name
+    is in the wheel's ``torch_npu.npu.__all__``."""
+    (src,) = excerpt(TORCH_NPU, "__init__.py").values()
+    exported = set(ast.literal_eval(ast.parse(src).body[0].value))
+    used = {}
+    for path in [*PACKAGE.rglob("*.py"), PACKAGE.parents[1] / "benchmarks" / "dequant.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "npu" and isinstance(node.value.value, ast.Name)
+                    and node.value.value.id == "torch"):
+                used.setdefault(node.attr, f"{path.name}:{node.lineno}")
+    assert used, "no torch.npu call found: the scan is broken"
+    missing = {name: where for name, where in used.items() if name not in exported}
+    assert not missing, f"not exported by torch_npu 2.13.0's torch_npu.npu: {missing}"
+
+
 # --------------------------------------------------------------------------------------------------
 # torch_npu: the meta function, executed, and the documented constraints
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ TORCH_NPU_FILES = {
     "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml": ("yaml", TORCH_NPU_OPS),
     "torch_npu/op_plugin/meta/_meta_registrations.py": ("py", ("npu_weight_quant_batchmatmul_meta",)),
     "torch_npu/_op_plugin_docs.py": ("docs", TORCH_NPU_OPS),
+    # the torch.npu.* functions we call (device probing, synchronize) must be exported there
+    "torch_npu/npu/__init__.py": ("py", ("__all__",)),
 }
 # vLLM-Ascend: the hooks the plugin relies on (docs/vllm-plugin.md, "vLLM-Ascend"). Names that a version
 # lacks are recorded as missing, not an error: the tests decide what must exist.
