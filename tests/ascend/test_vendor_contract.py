@@ -376,6 +376,27 @@ def test_linear_op_reads_layer_weight_only_where_gptq_layers_never_go(va):
     assert re.search(r"if matmul_allreduce_enable\(\):\s+return MatmulAllreduceRowParallelOp\(layer\)", chooser)
 
 
+def test_quantized_lm_head_hooks(va):
+    """A quantized lm_head: vLLM-Ascend's AscendParallelLMHead is a ParallelLMHead (what our
+    get_quant_method tests), asks the quant config, and keeps the ``tp_rank`` / ``tp_size`` /
+    ``shard_indices`` our lm_head loader reads (from its own group: the lm_head TP group when
+    ``lmhead_tensor_parallel_size`` is set); the logits processor calls ``quant_method.apply``."""
+    emb = excerpt(va, "vocab_parallel_embedding.py")
+    head = dedented_ast(emb["AscendParallelLMHead"]).body[0]
+    assert [ast.unparse(b) for b in head.bases] == ["ParallelLMHead"]
+    assert "AscendVocabParallelEmbedding.__init__(" in ast.unparse(head)
+    init = ast.unparse(dedented_ast(emb["AscendVocabParallelEmbedding.__init__"]))
+    assert "quant_config.get_quant_method(self, prefix=prefix)" in init
+    for attr in ("tp_size", "tp_rank", "shard_indices"):
+        assert re.search(rf"self\.{attr} = ", init), attr
+    for name in ("AscendLogitsProcessor._get_logits_normal", "AscendLogitsProcessor._get_logits_lmheadtp"):
+        assert "lm_head.quant_method.apply(lm_head, " in ast.unparse(dedented_ast(emb[name])), name
+    from gptq_ascend.vllm_plugin.linear import GPTQAscendLinearMethod
+
+    src = inspect.getsource(GPTQAscendLinearMethod)
+    assert "layer.tp_rank" in src and "layer.shard_indices" in src   # what the plugin reads
+
+
 def _vendor_matmul_allreduce_switches(va: Path) -> tuple[str, str | None]:
     """(the env var, the additional_config key or None) that turn vLLM-Ascend's matmul-allreduce on."""
     util = ast.unparse(dedented_ast(excerpt(va, "utils.py")["matmul_allreduce_enable"]))
