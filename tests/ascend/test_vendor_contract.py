@@ -391,9 +391,7 @@ def test_quantized_lm_head_hooks(va):
         assert re.search(rf"self\.{attr} = ", init), attr
     for name in ("AscendLogitsProcessor._get_logits_normal", "AscendLogitsProcessor._get_logits_lmheadtp"):
         assert "lm_head.quant_method.apply(lm_head, " in ast.unparse(dedented_ast(emb[name])), name
-    from gptq_ascend.vllm_plugin.linear import GPTQAscendLinearMethod
-
-    src = inspect.getsource(GPTQAscendLinearMethod)
+    src = (PACKAGE / "vllm_plugin" / "linear.py").read_text()   # read, not imported: no vLLM needed
     assert "layer.tp_rank" in src and "layer.shard_indices" in src   # what the plugin reads
 
 
