@@ -90,3 +90,11 @@ demo: env
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Hardware validation on an Ascend host (run it in the environment that has torch_npu + vLLM-Ascend, not
+# .venv): one markdown + JSON report in $(NPU_REPORT)/, every item PASS / FAIL / SKIPPED with its reason.
+# `make npu-check MODEL=/path/to/Qwen3-1.7B-GPTQ-Int8` adds the end-to-end benchmark on that checkpoint.
+NPU_REPORT ?= npu-report
+.PHONY: npu-check
+npu-check:
+	$(PYTHON) -m gptq_ascend.validate --out $(NPU_REPORT) $(if $(MODEL),--model $(MODEL))

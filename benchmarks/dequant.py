@@ -79,6 +79,27 @@ def setup_device(name: str) -> tuple[torch.device, callable]:
     raise SystemExit(f"--device must be cpu or npu, got {name!r}")
 
 
+def npu_methods(t, spec, k: int, dev: torch.device, rotate) -> dict[str, tuple]:
+    """--device npu: every NPU path as its own column (fused, AscendC, Triton) and dense FP16
+    ``torch.matmul``; a path that cannot run here is printed with its reason."""
+    from gptq_ascend import format as fmt
+    from gptq_ascend import ops
+    from gptq_ascend.backends.ascend import bench
+
+    methods = {}
+    for path, packed in bench.pack_every_path(t, spec, k, dev).items():
+        if isinstance(packed, str):
+            print(f"  ({path} path unavailable: {packed})", file=sys.stderr)
+            continue
+        nb = sum(v.numel() * v.element_size() for v in packed.tensors.values())
+        copies = [ops.PackedWeight(packed.backend, packed.spec, k, packed.out_features, d, packed.perm)
+                  for d in rotate(packed.tensors, nb)]
+        methods[path] = (len(copies), lambda x, c=copies, p=path: lambda i: bench.run_path(p, x, c[i]))
+    w16 = [d["w"] for d in rotate({"w": fmt.dequantize(t, spec, k, torch.float16)}, k * t.out_features * 2)]
+    methods["dense_fp16"] = (len(w16), lambda x: lambda i: torch.matmul(x.to(torch.float16), w16[i]))
+    return methods
+
+
 # ------------------------------------------------------------------------------------------------
 # Measurements
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +276,8 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
                     x.to(torch.bfloat16), wq[i]["q"], wq[i]["s"], None, None, 8, "vec"))
         except Exception as e:  # vLLM missing or its CPU ops unavailable: say so, keep going
             print(f"  (vLLM CPU ops unavailable: {type(e).__name__}: {e})", file=sys.stderr)
+    if dev.type == "npu":
+        methods.update(npu_methods(t, spec, k, dev, rotate))
     if not args.no_ref:
         ref = ReferenceBackend()
         rp = ref.repack(t, spec, k)
@@ -308,6 +331,9 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
 # ------------------------------------------------------------------------------------------------
 
 COLUMNS = ("ours", "w8a8", "linear", "onednn", "wna16", "ref")
+# --device npu adds one column per NPU path (gptq_ascend.backends.ascend.bench) and dense FP16.
+NPU_COLUMNS = ("fused", "ascendc", "triton", "dense_fp16")
+EXTRA_COLUMNS: tuple[str, ...] = ()
 
 
 def dense_best(p: Point) -> float | None:
@@ -317,7 +343,7 @@ def dense_best(p: Point) -> float | None:
 
 def format_header() -> str:
     head = f"{'shape':<8}{'K':>6}{'N':>7}{'bits':>5}{'M':>6} |"
-    head += "".join(f"{c + ' ms':>11}" for c in COLUMNS)
+    head += "".join(f"{c + ' ms':>11}" for c in COLUMNS + EXTRA_COLUMNS)
     head += f"{'floor ms':>10} |{'x linear':>9}{'x onednn':>9}{'x wna16':>9}{'floor/ours':>11}{'w8a8 x':>8}"
     return head
 
@@ -327,7 +353,7 @@ def format_row(p: Point) -> str:
         return f"{fmt_.format(v):>{w}}" if v is not None else f"{'-':>{w}}"
 
     row = f"{p.shape:<8}{p.k:>6}{p.n:>7}{p.bits:>5}{p.m:>6} |"
-    row += "".join(cell(p.ms.get(c)) for c in COLUMNS)
+    row += "".join(cell(p.ms.get(c)) for c in COLUMNS + EXTRA_COLUMNS)
     row += cell(p.floor_ms, 10)
     ours = p.ms["ours"]
     row += " |" + cell(p.ms["linear"] / ours if "linear" in p.ms else None, 9, "{:.2f}")
@@ -462,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         args.rotate_mib, args.no_ref = 4, False
     torch.set_num_threads(args.threads)
     dev, sync = setup_device(args.device)
+    if dev.type == "npu":
+        global EXTRA_COLUMNS
+        EXTRA_COLUMNS = NPU_COLUMNS
     shapes = parse_shapes(args.shapes)
     ms = [int(v) for v in args.m.split(",")]
     bits_list = [int(v) for v in args.bits.split(",")]

@@ -1,5 +1,5 @@
 // Host-side tiling of the GPTQ dequant kernel: see tiling.h. Mirrored by plan_tiling() in
-// python/gptq_ascend/backends/triton_dequant.py; tests/ascend/test_tiling.py checks the two agree.
+// python/gptq_ascend/backends/ascend/tiling.py; tests/ascend/test_tiling_host.py checks the two agree.
 #include "tiling.h"
 
 namespace gptq_ascend {

@@ -1,8 +1,8 @@
 // Host-side tiling of the GPTQ dequant kernel (csrc/ascend/kernels/gptq_dequant.cpp).
 //
 // Plain C++17, no CANN dependency: it is compiled and unit-tested on machines without the toolkit
-// (csrc/ascend/tests/test_tiling.cpp), and its Python twin (python/gptq_ascend/backends/
-// triton_dequant.py, plan_tiling) is checked against it field by field.
+// (csrc/ascend/tests/test_tiling.cpp), and its Python twin (python/gptq_ascend/backends/ascend/
+// tiling.py, plan_tiling: the plan the Triton kernel follows) is checked against it field by field.
 //
 // The problem: a GPTQ layer with K inputs, N outputs, `bits` in {4, 8}; qweight int32 [ceil(K/pf), N]
 // packs pf = 32/bits consecutive input rows per word, least-significant bits first. Groups are
@@ -188,6 +188,30 @@ GPTQ_HD void DeriveTiling(uint32_t k, uint32_t n, uint32_t bits, uint32_t groupS
 }
 
 #if !defined(GPTQ_ASCEND_DEVICE)
+// The Unified Buffer per AI core of the SoC the kernels are compiled for (SOC_VERSION, e.g.
+// "Ascend910B3"), by name prefix; 0 for a SoC they do not cover. Only Atlas A2/A3: the kernel relies on
+// DataCopyPad, which needs them. The Python twin is tiling.ub_bytes_for_soc (compared by the host test).
+inline uint32_t UbBytesForSoc(const char* soc)
+{
+    struct Entry { const char* prefix; uint32_t ub; };
+    static const Entry kTable[] = {
+        {"Ascend910B", kUbBytesA2},     // Atlas A2: 910B1..910B4
+        {"Ascend910_93", kUbBytesA2},   // Atlas A3: 910C (Ascend910_9391, _9392, ...)
+    };
+    for (const Entry& e : kTable) {
+        const char* a = e.prefix;
+        const char* b = soc;
+        while (*a != '\0' && b != nullptr && *b == *a) {
+            ++a;
+            ++b;
+        }
+        if (*a == '\0') {
+            return e.ub;
+        }
+    }
+    return 0;
+}
+
 // Plan the kernel for one layer. group_size <= 0 means one group over all K (GPTQ's -1).
 // ub_bytes: Unified Buffer bytes the kernel may use; core_num: vector cores to spread over.
 TilingStatus ComputeTiling(uint32_t k, uint32_t n, uint32_t bits, int64_t group_size, uint32_t out_bytes,

@@ -17,7 +17,9 @@ import torch
 
 from gptq_ascend import format as fmt
 from gptq_ascend import ops
-from gptq_ascend.backends import npu, triton_dequant
+from gptq_ascend.backends import npu
+from gptq_ascend.backends.ascend import dequant, tiling, triton_dequant
+from gptq_ascend.backends.npu_triton import NpuTritonBackend
 from gptq_ascend.errors import BackendError
 
 from .vendor_model import random_layer
@@ -57,10 +59,10 @@ def _id(c):
 def test_triton_dequant_path_is_exact(case):
     bits, k, n, group, sym, f, act, dtype, seed = case
     layer = random_layer(bits, k, n, group, sym, f, act, seed=seed)
-    args = npu.prepare_dequant_args(layer.tensors, layer.spec, k)
+    args = dequant.prepare_dequant_args(layer.tensors, layer.spec, k)
     assert args.qweight.dtype == torch.int32 and args.zeros.dtype == args.scales.dtype
-    packed = npu.pack_dequant(args, layer.spec, k, n, torch.device("cpu"), backend_name="npu_triton")
-    assert npu.packed_path(packed) == "dequant" and npu.dequant_impl(packed) == "triton"
+    packed = dequant.pack_dequant(args, layer.spec, k, n, torch.device("cpu"), backend_name="npu_triton")
+    assert npu.packed_path(packed) == "dequant" and NpuTritonBackend().dequant_impl() == "triton"
     # What the vLLM plugin does on every call: a plain PackedWeight rebuilt from the stored tensors.
     packed = ops.PackedWeight(packed.backend, packed.spec, k, n, dict(packed.tensors), packed.perm)
     # (q - z) * s in float32 is exact; the kernel rounds once, like the reference: bit-exact.
@@ -76,12 +78,12 @@ def test_triton_dequant_path_is_exact(case):
 
 @needs_triton
 @pytest.mark.parametrize("cores", (1, 3, 40))
-@pytest.mark.parametrize("ub", (triton_dequant.TRITON_UB_BYTES, 4 * 1024))
+@pytest.mark.parametrize("ub", (tiling.TRITON_UB_BYTES, 4 * 1024))
 def test_triton_kernel_over_core_counts_and_tile_sizes(cores, ub):
     """Small UB budgets force many small tiles per program: the per-core tile loop, as in AscendC."""
     layer = random_layer(4, 384, 100, 128, False, "gptq", False, seed=cores)
-    args = npu.prepare_dequant_args(layer.tensors, layer.spec, 384)
-    plan = triton_dequant.plan_tiling(384, 100, 4, 128, 2, cores, ub)
+    args = dequant.prepare_dequant_args(layer.tensors, layer.spec, 384)
+    plan = tiling.plan_tiling(384, 100, 4, 128, 2, cores, ub)
     out = triton_dequant.dequant_triton(args.qweight, args.zeros, args.scales, 4, 128, 384, torch.float16,
                                         core_num=cores, ub_bytes=ub)
     assert torch.equal(out, layer.truth.to(torch.float16)), plan
@@ -90,19 +92,19 @@ def test_triton_kernel_over_core_counts_and_tile_sizes(cores, ub):
 def test_dequant_args_refusals():
     layer = random_layer(8, 256, 32, 64, False, "gptq", False, seed=9)
     with pytest.raises(BackendError, match="int8 and int4"):
-        npu.prepare_dequant_args(layer.tensors, fmt.QuantSpec(bits=3, group_size=64), 256)
+        dequant.prepare_dequant_args(layer.tensors, fmt.QuantSpec(bits=3, group_size=64), 256)
     fp32 = fmt.GPTQTensors(layer.tensors.qweight, layer.tensors.qzeros, layer.tensors.scales.float(),
                            layer.tensors.g_idx)
     with pytest.raises(BackendError, match="float16/bfloat16"):
-        npu.prepare_dequant_args(fp32, layer.spec, 256)
+        dequant.prepare_dequant_args(fp32, layer.spec, 256)
     odd = random_layer(4, 72, 16, 36, False, "gptq", False, seed=10)   # int4, group 36: not a multiple of 8
-    with pytest.raises(triton_dequant.TilingError, match="multiple of 32/bits"):
-        npu.prepare_dequant_args(odd.tensors, odd.spec, 72)
+    with pytest.raises(tiling.TilingError, match="multiple of 32/bits"):
+        dequant.prepare_dequant_args(odd.tensors, odd.spec, 72)
 
 
 def test_dequant_args_act_order_repacks_rows():
     layer = random_layer(8, 256, 16, 64, False, "gptq_v2", True, seed=11)
-    args = npu.prepare_dequant_args(layer.tensors, layer.spec, 256)
+    args = dequant.prepare_dequant_args(layer.tensors, layer.spec, 256)
     assert args.perm is not None
     codes = fmt.unpack(args.qweight, 8, 256, 0)
     original = fmt.unpack_weight_codes(layer.tensors, layer.spec, 256)
@@ -114,10 +116,11 @@ def test_modules_import_without_triton_and_say_why():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "from gptq_ascend import ops\n"
-        "from gptq_ascend.backends import triton_dequant, npu\n"
+        "from gptq_ascend.backends import npu\n"
+        "from gptq_ascend.backends.ascend import tiling, triton_dequant\n"
         "ok, why = triton_dequant.available(); assert not ok and 'triton' in why, why\n"
         "b = ops.backends()['npu_triton']; ok, why = b.available(); assert not ok and why, why\n"
-        "print(triton_dequant.plan_tiling(2048, 2048, 8, 128).tile_rows)\n"
+        "print(tiling.plan_tiling(2048, 2048, 8, 128).tile_rows)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

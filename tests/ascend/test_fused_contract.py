@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from gptq_ascend import format as fmt
 from gptq_ascend.backends import npu
+from gptq_ascend.backends.ascend import fused
 from gptq_ascend.checkpoint import Checkpoint
 
 from ..conftest import fixture_info, gptq_fixture_dirs
@@ -50,18 +51,18 @@ def _case_id(c):
 
 def _packed_on_cpu(layer):
     """What repack_npu builds on the device, built on CPU with the documented int4 packing."""
-    args = npu.prepare_fused_args(layer.tensors, layer.spec, layer.k)
-    return npu.pack_fused(args, layer.spec, layer.k, layer.n, torch.device("cpu"),
-                          convert_int4=npu.int4pack_reference)
+    args = fused.prepare_fused_args(layer.tensors, layer.spec, layer.k)
+    return fused.pack_fused(args, layer.spec, layer.k, layer.n, torch.device("cpu"),
+                          convert_int4=fused.int4pack_reference)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_fused_args_reproduce_gptq_weights_exactly(case):
     bits, k, n, group, sym, f, act = case
     layer = random_layer(bits, k, n, group, sym, f, act, seed=_seed(case))
-    ok, why = npu.fused_limits(layer.spec, k, n, "Ascend910B3")
+    ok, why = fused.fused_limits(layer.spec, k, n, "Ascend910B3")
     assert ok, why
-    args = npu.prepare_fused_args(layer.tensors, layer.spec, k)
+    args = fused.prepare_fused_args(layer.tensors, layer.spec, k)
     assert args.weight.dtype == torch.int8 and tuple(args.weight.shape) == (k, n)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     assert int(args.weight.min()) >= lo and int(args.weight.max()) <= hi
@@ -84,11 +85,13 @@ def test_fused_gemm_call_matches_reference(case, dtype, monkeypatch):
     packed = _packed_on_cpu(layer)
     calls = []
 
-    def op(*a, **kw):
-        calls.append((a, kw))
-        return wqbmm_model(*a, **kw)
+    def op(x, weight, antiquant_scale, antiquant_offset, antiquant_group_size):
+        # fused.npu_fused_matmul's signature; the torch_npu call inside it is checked against the
+        # wheel's schema by test_vendor_contract.py.
+        calls.append((x, weight))
+        return wqbmm_model(x, weight, antiquant_scale, antiquant_offset, antiquant_group_size=antiquant_group_size)
 
-    monkeypatch.setattr(npu, "_fused_op", lambda: op)
+    monkeypatch.setattr(fused, "npu_fused_matmul", op)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn((2, 3, k), generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
@@ -117,7 +120,7 @@ def test_public_integrations_offset_sign_is_wrong_for_asymmetric():
     works when it is zero; our ``2**(bits-1) - z`` is what the documented ADDED offset needs."""
     for sym in (True, False):
         layer = random_layer(8, 256, 32, 128, sym, "gptq", False, seed=3)
-        args = npu.prepare_fused_args(layer.tensors, layer.spec, 256)
+        args = fused.prepare_fused_args(layer.tensors, layer.spec, 256)
         wrong = antiquant_weight_model(args.weight, args.scale, -args.offset, args.group_size, 256)
         assert torch.equal(wrong, layer.truth) == sym
 
@@ -125,7 +128,7 @@ def test_public_integrations_offset_sign_is_wrong_for_asymmetric():
 def test_raw_byte_reading_without_zero_point_is_caught():
     """The old converter's mistake (int8 view of the stored byte, no zero point) fails this contract."""
     layer = random_layer(8, 256, 32, 128, True, "gptq", False, seed=4)
-    args = npu.prepare_fused_args(layer.tensors, layer.spec, 256)
+    args = fused.prepare_fused_args(layer.tensors, layer.spec, 256)
     raw = fmt.unpack_weight_codes(layer.tensors, layer.spec, 256).to(torch.uint8).view(torch.int8)
     wrong = antiquant_weight_model(raw, args.scale, None, args.group_size, 256)
     rel = float((wrong - layer.truth).norm() / layer.truth.norm())
@@ -135,17 +138,17 @@ def test_raw_byte_reading_without_zero_point_is_caught():
 def test_int4pack_reference_matches_documented_layout():
     row = torch.tensor([[1, -1, 2, -2, 3, -3, 7, -8]], dtype=torch.int32)
     # nibble j at bits [4j, 4j+4): 1, F, 2, E, 3, D, 7, 8 from the lowest -> 0x87D3E2F1
-    assert npu.int4pack_reference(row).tolist() == [[0x87D3E2F1 - (1 << 32)]]
+    assert fused.int4pack_reference(row).tolist() == [[0x87D3E2F1 - (1 << 32)]]
     gen = torch.Generator().manual_seed(5)
     w = torch.randint(-8, 8, (13, 40), generator=gen, dtype=torch.int32)
-    packed = npu.int4pack_reference(w)
+    packed = fused.int4pack_reference(w)
     assert packed.shape == (13, 5) and packed.dtype == torch.int32
     assert torch.equal(int4_unpack_documented(packed), w.to(torch.int64))
-    assert torch.equal(npu.int4unpack_reference(packed), w)
+    assert torch.equal(fused.int4unpack_reference(packed), w)
     with pytest.raises(Exception, match="8"):
-        npu.int4pack_reference(torch.zeros((2, 12), dtype=torch.int32))
+        fused.int4pack_reference(torch.zeros((2, 12), dtype=torch.int32))
     with pytest.raises(Exception, match=r"\[-8, 7\]"):
-        npu.int4pack_reference(torch.full((1, 8), 8, dtype=torch.int32))
+        fused.int4pack_reference(torch.full((1, 8), 8, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("soc,bits,k,n,group,ok,why", [
@@ -170,7 +173,7 @@ def test_int4pack_reference_matches_documented_layout():
 ])
 def test_fused_limits(soc, bits, k, n, group, ok, why):
     spec = fmt.QuantSpec(bits=bits, group_size=group)
-    got, reason = npu.fused_limits(spec, k, n, soc)
+    got, reason = fused.fused_limits(spec, k, n, soc)
     assert got == ok, reason
     assert why in reason
 
@@ -181,7 +184,7 @@ def test_act_order_with_non_contiguous_groups_is_refused():
     g_idx[:3] = torch.tensor([0, 0, 0], dtype=torch.int32)   # group 0 now has more than 64 rows
     bad = fmt.GPTQTensors(layer.tensors.qweight, layer.tensors.qzeros, layer.tensors.scales, g_idx)
     with pytest.raises(Exception, match="contiguous"):
-        npu.prepare_fused_args(bad, layer.spec, 256)
+        fused.prepare_fused_args(bad, layer.spec, 256)
 
 
 FIXTURES = gptq_fixture_dirs()
@@ -198,11 +201,11 @@ def _check_checkpoint(folder: Path, expected: dict[str, torch.Tensor] | None) ->
         spec = config.spec_for(prefix)
         t = ckpt.layer_tensors(prefix)
         k = t.in_features(spec)
-        ok, why = npu.fused_limits(spec, k, t.out_features, "Ascend910B3")
+        ok, why = fused.fused_limits(spec, k, t.out_features, "Ascend910B3")
         if not ok:
             assert spec.bits not in (4, 8) or "group_size" in why, why
             continue
-        args = npu.prepare_fused_args(t, spec, k)
+        args = fused.prepare_fused_args(t, spec, k)
         w = antiquant_weight_model(args.weight, args.scale, args.offset, args.group_size, k)
         if args.perm is not None:
             w = w[torch.argsort(args.perm)]

@@ -14,38 +14,32 @@ What it checks (all against ground truth computed on CPU from the generating cod
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from gptq_ascend import ops
 from gptq_ascend.backends import npu
+from gptq_ascend.backends.ascend import dequant, fused
+from gptq_ascend.backends.ascend import device as npu_device
 
+from .require import need
 from .vendor_model import random_layer, wqbmm_model
 
 pytestmark = pytest.mark.npu
 
-REQUIRE_ENV = "GPTQ_ASCEND_REQUIRE_NPU"
 
-
-def _need(ok: bool, why: str):
-    if not ok:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but: {why}")
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
 def device():
-    ok, why = npu.npu_status()
-    _need(ok, f"no NPU here: {why}")
+    ok, why = npu_device.npu_status()
+    need(ok, f"no NPU here: {why}")
     return torch.device("npu", torch.npu.current_device())
 
 
 def test_soc_is_documented_for_the_fused_op(device):
-    name = npu.soc_name(device)
-    assert npu.soc_family(name) in ("a2a3", "310p"), name
+    name = npu_device.soc_name(device)
+    assert npu_device.soc_family(name) in ("a2a3", "310p"), name
 
 
 def test_int4pack_matches_documented_layout(device):
@@ -53,7 +47,7 @@ def test_int4pack_matches_documented_layout(device):
 
     w = torch.randint(-8, 8, (64, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     got = torch_npu.npu_convert_weight_to_int4pack(w.to(device)).cpu()
-    assert torch.equal(got, npu.int4pack_reference(w))
+    assert torch.equal(got, fused.int4pack_reference(w))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -90,9 +84,9 @@ MODES = ("fused", "ascendc", "triton", "dense")
 
 def _mode_available(mode: str) -> tuple[bool, str]:
     if mode == "ascendc":
-        return npu.ascendc_status()
+        return dequant.ascendc_status()
     if mode == "triton":
-        return npu.npu_triton_status()
+        return npu_device.npu_triton_status()
     return True, ""
 
 
@@ -101,11 +95,11 @@ def _mode_available(mode: str) -> tuple[bool, str]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"int{c[0]}-{c[1]}x{c[2]}-g{c[3]}-{'sym' if c[4] else 'asym'}"
                                                       f"-{c[5]}{'-act' if c[6] else ''}")
 def test_npu_paths_match_ground_truth(device, case, mode, dtype):
-    _need(*_mode_available(mode))
+    need(*_mode_available(mode))
     bits, k, n, group, sym, f, act = case
     layer = random_layer(bits, k, n, group, sym, f, act, seed=k + n + bits)
     if mode == "fused":
-        ok, why = npu.fused_limits(layer.spec, k, n, npu.soc_name(device))
+        ok, why = fused.fused_limits(layer.spec, k, n, npu_device.soc_name(device))
         if not ok:
             pytest.skip(f"the fused op does not take this layer: {why}")
     packed = npu.repack_npu(layer.tensors, layer.spec, k, mode=mode, device=device)

@@ -3,7 +3,7 @@
 * ``test_tiling`` (csrc/ascend/tests/test_tiling.cpp): UB capacity 192 KB and smaller, 32-byte alignment,
   N/K tails, ragged last groups, core counts 1..40, and a CPU emulation of the kernel's tile loop
   against a naive dequant.
-* ``tiling_plan`` vs ``triton_dequant.plan_tiling``: the Triton kernel (the executable specification)
+* ``tiling_plan`` vs ``tiling.plan_tiling``: the Triton kernel (the executable specification)
   is planned by the very same algorithm, field for field.
 No CANN is involved: this is host code only.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gptq_ascend.backends import triton_dequant
+from gptq_ascend.backends.ascend import tiling
 
 ROOT = Path(__file__).resolve().parents[2]
 ASCEND = ROOT / "csrc" / "ascend"
@@ -85,8 +85,8 @@ def test_python_plan_matches_host_tiling(tiling_bins):
         host = json.loads(line)
         statuses.add(host["status"])
         try:
-            plan = triton_dequant.plan_tiling(*query)
-        except triton_dequant.TilingError as e:
+            plan = tiling.plan_tiling(*query)
+        except tiling.TilingError as e:
             assert host["status"] == e.status, (query, host, str(e))
             assert host["message"] in str(e)
             continue
@@ -95,14 +95,30 @@ def test_python_plan_matches_host_tiling(tiling_bins):
     assert statuses >= {0, 1, 2, 3, 4, 5, 6}   # every status was exercised
 
 
+SOCS = ("Ascend910B1", "Ascend910B3", "Ascend910B4", "Ascend910_9391", "Ascend910_9392", "Ascend910",
+        "Ascend910A", "Ascend310P3", "Ascend310B1", "Ascend950PR", "", "ascend910b3")
+
+
+def test_ub_per_soc_python_matches_host(tiling_bins):
+    """UbBytesForSoc (tiling.h, what the AscendC launcher plans with) == tiling.ub_bytes_for_soc (what the
+    Triton path plans with): 192 KiB on Atlas A2/A3, 0 (not covered) elsewhere."""
+    r = subprocess.run([str(tiling_bins["tiling_plan"]), "--soc", *SOCS], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    host = {d["soc"]: d["ub"] for d in map(json.loads, r.stdout.splitlines())}
+    assert host == {s: tiling.ub_bytes_for_soc(s) for s in SOCS}
+    assert {s for s, ub in host.items() if ub} == {"Ascend910B1", "Ascend910B3", "Ascend910B4", "Ascend910_9391",
+                                                   "Ascend910_9392"}
+    assert set(host.values()) == {0, 192 * 1024}
+
+
 def test_python_tile_walk_covers_output_once():
     """tile_at / core_range (the Python twins of TileAt / CoreRange) on one ragged plan."""
-    plan = triton_dequant.plan_tiling(200, 70, 4, 64, 2, 7, 4096)
+    plan = tiling.plan_tiling(200, 70, 4, 64, 2, 7, 4096)
     seen = set()
     for core in range(8):
-        first, count = triton_dequant.core_range(plan, core)
+        first, count = tiling.core_range(plan, core)
         for t in range(first, first + count):
-            w0, rows, group, c0, cols = triton_dequant.tile_at(plan, t)
+            w0, rows, group, c0, cols = tiling.tile_at(plan, t)
             for w in range(w0, w0 + rows):
                 assert all((w * plan.pack_factor + j) // plan.group_size == group
                            for j in range(plan.pack_factor) if w * plan.pack_factor + j < plan.k)
@@ -136,6 +152,6 @@ def test_torch_binding_syntax_against_torch_and_npu_stubs():
 
     torch_inc = [arg for p in include_paths() for arg in ("-isystem", p)]
     r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-I{STUBS}",
-                        *torch_inc, str(ASCEND / "host" / "torch_binding.cpp")],
+                        '-DGPTQ_ASCEND_SOC="Ascend910B3"', *torch_inc, str(ASCEND / "host" / "torch_binding.cpp")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from gptq_ascend.backends import triton_dequant as td
+from gptq_ascend.backends.ascend import tiling
 
 from . import toolchain
 
@@ -31,14 +31,14 @@ CONFIGS = [
 
 
 def _compile(k, n, bits, group, dtype, ub, tmp_path):
-    plan = td.plan_tiling(k, n, bits, group, 2, td.VECTOR_CORES_910B3, ub)
+    plan = tiling.plan_tiling(k, n, bits, group, 2, tiling.VECTOR_CORES_910B3, ub)
     return plan, toolchain.compile_dequant_kernel(k, n, bits, group, str(dtype)[6:], ub, ARCH, tmp_path)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}x{c[1]}-int{c[2]}-g{c[3]}-{str(c[4])[6:]}")
 def test_triton_dequant_compiles_for_ascend910b_up_to_hivmc(config, tmp_path):
     toolchain.require()
-    plan, result = _compile(*config, td.TRITON_UB_BYTES, tmp_path)
+    plan, result = _compile(*config, tiling.TRITON_UB_BYTES, tmp_path)
     if result.compiled:   # a machine with CANN's hivmc on PATH: the whole pipeline ran
         return
     errors = [line for line in result.log.splitlines() if re.search(r"\berror\b", line, re.I)]
@@ -54,7 +54,7 @@ def test_oversized_tile_is_rejected_before_hivmc(tmp_path):
     """Negative control: the AscendC kernel's full 192 KB plan (16 x 512) is too big for the Triton
     kernel's extra buffers with bf16 output; the checker must see that as a real error, not as hivmc."""
     toolchain.require()
-    plan, result = _compile(2048, 2048, 8, 128, torch.bfloat16, td.UB_BYTES_A2, tmp_path)
+    plan, result = _compile(2048, 2048, 8, 128, torch.bfloat16, tiling.UB_BYTES_A2, tmp_path)
     assert plan.tile_rows == 16 and plan.tile_cols == 512
     assert not result.compiled and not result.stopped_at_hivmc, result.log[-2000:]
     assert "ub overflow" in result.log, result.log[-2000:]

@@ -116,11 +116,12 @@ def compile_dequant_kernel(k: int, n: int, bits: int, group_size: int, dtype: st
 def _main(argv: list[str]) -> None:
     import torch
 
-    from gptq_ascend.backends import triton_dequant as td
+    from gptq_ascend.backends.ascend import tiling
+    from gptq_ascend.backends.ascend import triton_dequant as td
 
     k, n, bits, group, dtype_name, ub, arch, workdir = argv
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
-    plan = td.plan_tiling(int(k), int(n), int(bits), int(group), 2, td.VECTOR_CORES_910B3, int(ub))
+    plan = tiling.plan_tiling(int(k), int(n), int(bits), int(group), 2, tiling.VECTOR_CORES_910B3, int(ub))
     _, const = td.kernel_launch_args(plan, dtype)
     sig = {"qweight_ptr": "*i32", "zeros_ptr": "*fp16", "scales_ptr": "*fp16",
            "out_ptr": {"float16": "*fp16", "bfloat16": "*bf16"}[dtype_name]}

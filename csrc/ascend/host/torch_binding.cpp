@@ -6,7 +6,7 @@
 //     scales [G, N] in float16 or bfloat16, bits 4 or 8, dtype float16 or bfloat16.
 //   ascend_gemm(x, qweight, zeros, scales, perm?, bias?, bits, group_size, in_features) -> y = x[..., perm] @ W + bias
 //     in x's dtype, shape [..., N]; the matmul is torch's NPU matmul (fp32 accumulation in the cube unit).
-// Meta/fake kernels are registered from Python (gptq_ascend.backends.npu._register_fakes).
+// Meta/fake kernels are registered from Python (gptq_ascend.backends.ascend.dequant._register_fakes).
 //
 // Built only with CANN + torch_npu (top-level CMakeLists.txt); NOT compiled or run on the machines this
 // project is developed on (no CANN, no NPU): see docs/ascend.md.
@@ -37,6 +37,12 @@ uint32_t VectorCoreNum(int32_t device)
 
 bool IsHalfOrBf16(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// The SoC the kernel library was compiled for (CMakeLists.txt: SOC_VERSION) and its Unified Buffer.
+#if !defined(GPTQ_ASCEND_SOC)
+#error "GPTQ_ASCEND_SOC (the SOC_VERSION the kernels are compiled for) must be defined"
+#endif
+const uint32_t kUbBytes = UbBytesForSoc(GPTQ_ASCEND_SOC);
+
 }  // namespace
 
 at::Tensor ascend_dequant(const at::Tensor& qweight, const at::Tensor& zeros, const at::Tensor& scales, int64_t bits,
@@ -57,9 +63,11 @@ at::Tensor ascend_dequant(const at::Tensor& qweight, const at::Tensor& zeros, co
     const uint32_t k = static_cast<uint32_t>(in_features);
     const uint32_t n = static_cast<uint32_t>(qweight.size(1));
 
+    TORCH_CHECK(kUbBytes > kUbReserveBytes, "gptq_ascend::ascend_dequant: the kernels were compiled for ",
+                GPTQ_ASCEND_SOC, ", whose Unified Buffer they do not know (they cover Atlas A2/A3 only)");
     DequantTiling t;
     TilingStatus st = ComputeTiling(k, n, static_cast<uint32_t>(bits), group_size, 2,
-                                    VectorCoreNum(qweight.device().index()), kUbBytesA2 - kUbReserveBytes, &t);
+                                    VectorCoreNum(qweight.device().index()), kUbBytes - kUbReserveBytes, &t);
     TORCH_CHECK(st == TilingStatus::kOk, "gptq_ascend::ascend_dequant: ", TilingStatusMessage(st));
     TORCH_CHECK(qweight.size(0) == static_cast<int64_t>(t.packedRows), "gptq_ascend::ascend_dequant: qweight has ",
                 qweight.size(0), " rows; ", t.packedRows, " expected for in_features=", in_features, " at ", bits,
@@ -119,7 +127,8 @@ at::Tensor ascend_gemm(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 }  // namespace gptq_ascend
 
-// A FRAGMENT: the CPU extension (csrc/cpu) owns TORCH_LIBRARY(gptq_ascend); both can be loaded together.
+// A FRAGMENT, as csrc/cpu's registration is: TORCH_LIBRARY_FRAGMENT lets both libraries define ops of the
+// gptq_ascend namespace and be loaded into one process in either order.
 TORCH_LIBRARY_FRAGMENT(gptq_ascend, m)
 {
     m.def("ascend_dequant(Tensor qweight, Tensor zeros, Tensor scales, int bits, int group_size, int in_features, "

@@ -19,7 +19,7 @@
 //            matches gptq_ascend.format.dequantize bit for bit;
 //   CopyOut  rows pf*w + j of the output: a strided GM write (row stride pf*N), double-buffered VECOUT.
 //
-// The Triton kernel python/gptq_ascend/backends/triton_dequant.py is the executable specification of
+// The Triton kernel python/gptq_ascend/backends/ascend/triton_dequant.py is the executable specification of
 // this loop nest (checked on CPU); this file has NOT been compiled or run here: no CANN toolkit and no NPU
 // exist on the machines this project is developed on (see docs/ascend.md).
 #define GPTQ_ASCEND_DEVICE 1

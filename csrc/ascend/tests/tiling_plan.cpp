@@ -1,15 +1,24 @@
 // Prints the host tiling as JSON, one line per query, so the Python twin (plan_tiling in
-// python/gptq_ascend/backends/triton_dequant.py) can be compared with it field by field.
+// python/gptq_ascend/backends/ascend/tiling.py) can be compared with it field by field.
+// `tiling_plan --soc NAME...` prints UbBytesForSoc per name instead.
 // stdin: lines "K N bits group_size out_bytes cores ub_bytes"; stdout: one JSON object per line.
 #include <cinttypes>
 #include <cstdio>
+#include <string>
 
 #include "../tiling.h"
 
 using namespace gptq_ascend;
 
-int main()
+int main(int argc, char** argv)
 {
+    // `tiling_plan --soc NAME...`: UbBytesForSoc per name, one JSON object per line.
+    if (argc > 1 && std::string(argv[1]) == "--soc") {
+        for (int i = 2; i < argc; ++i) {
+            std::printf("{\"soc\": \"%s\", \"ub\": %u}\n", argv[i], UbBytesForSoc(argv[i]));
+        }
+        return 0;
+    }
     unsigned k, n, bits, outBytes, cores, ub;
     long long group;
     while (std::scanf("%u %u %u %lld %u %u %u", &k, &n, &bits, &group, &outBytes, &cores, &ub) == 7) {

@@ -176,8 +176,11 @@ def tp_rank_and_size() -> tuple[int, int]:
 #   right bytes instead of raising AttributeError.
 # * ops/linear_op.py MatmulAllreduceRowParallelOp (VLLM_ASCEND_ENABLE_MATMUL_ALLREDUCE=1, TP > 1)
 #   computes ``npu_mm_all_reduce_base(x, layer.weight.t(), ...)``, bypassing quant_method.apply: with a
-#   packed weight that is silently wrong, so the plugin refuses the setting at start-up.
+#   packed weight that is silently wrong, so the plugin refuses the setting at start-up. vLLM-Ascend
+#   0.23 also takes it as ``--additional-config '{"enable_matmul_allreduce": true}'``, which wins over
+#   the env var (AscendConfig._get_config_value; tests/ascend/test_vendor_contract.py reads both).
 ASCEND_MATMUL_ALLREDUCE_ENV = "VLLM_ASCEND_ENABLE_MATMUL_ALLREDUCE"
+ASCEND_MATMUL_ALLREDUCE_KEY = "enable_matmul_allreduce"
 
 
 def env_flag(name: str, environ: dict | None = None) -> bool:
@@ -191,15 +194,36 @@ def env_flag(name: str, environ: dict | None = None) -> bool:
         return False
 
 
-def check_ascend_settings(device: str, environ: dict | None = None) -> None:
+def _current_additional_config() -> dict:
+    try:
+        import vllm.config as vc
+
+        # get_current_vllm_config_or_none where it exists: the plain getter warns and builds a default.
+        getter = getattr(vc, "get_current_vllm_config_or_none", None) or vc.get_current_vllm_config
+        cfg = getter()
+        return dict(getattr(cfg, "additional_config", None) or {})
+    except Exception:  # no vLLM config is being built (unit tests, the converter)
+        return {}
+
+
+def ascend_matmul_allreduce_enabled(environ: dict | None = None, additional_config: dict | None = None) -> bool:
+    """vLLM-Ascend's matmul_allreduce_enable(): additional_config first (0.23+), else the env var."""
+    extra = _current_additional_config() if additional_config is None else additional_config
+    if ASCEND_MATMUL_ALLREDUCE_KEY in extra:
+        return bool(extra[ASCEND_MATMUL_ALLREDUCE_KEY])
+    return env_flag(ASCEND_MATMUL_ALLREDUCE_ENV, environ)
+
+
+def check_ascend_settings(device: str, environ: dict | None = None, additional_config: dict | None = None) -> None:
     """Refuse vLLM-Ascend settings that would bypass ``quant_method.apply`` for our layers."""
     from ..errors import ConfigError
 
-    if device == "npu" and env_flag(ASCEND_MATMUL_ALLREDUCE_ENV, environ):
+    if device == "npu" and ascend_matmul_allreduce_enabled(environ, additional_config):
         raise ConfigError(
-            f"gptq_ascend: {ASCEND_MATMUL_ALLREDUCE_ENV}=1 is not supported: vLLM-Ascend's fused "
-            "matmul-allreduce multiplies by layer.weight directly, and a GPTQ layer's weight is packed "
-            f"integers. Unset {ASCEND_MATMUL_ALLREDUCE_ENV} (or set it to 0)."
+            f"gptq_ascend: {ASCEND_MATMUL_ALLREDUCE_ENV}=1 / additional_config "
+            f"{ASCEND_MATMUL_ALLREDUCE_KEY} is not supported: vLLM-Ascend's fused matmul-allreduce multiplies "
+            "by layer.weight directly, and a GPTQ layer's weight is packed integers. Unset "
+            f"{ASCEND_MATMUL_ALLREDUCE_ENV} (or set it to 0) and drop {ASCEND_MATMUL_ALLREDUCE_KEY}."
         )
 
 
