@@ -110,6 +110,14 @@ class CPUBackend(Backend):
         q = fmt.unpack_weight_codes(t, spec, k)                 # [K, N] int32, unsigned codes
         z = fmt.unpack_zeros(t.qzeros.cpu(), spec, n)           # [G, N] int32, true zero points
         g_idx = (t.g_idx if t.g_idx is not None else fmt.default_g_idx(k, spec.group_size)).to(torch.int64).cpu()
+        return self.pack_codes(q, z, g_idx, t.scales.cpu(), spec)
+
+    def pack_codes(self, q: torch.Tensor, z: torch.Tensor, g_idx: torch.Tensor, scales_src: torch.Tensor,
+                   spec: fmt.QuantSpec) -> PackedWeight:
+        """The kernel layout from unpacked values: unsigned codes ``q`` [K, N] (any integer dtype, any
+        strides), true zero points ``z`` [G, N], ``g_idx`` [K] and ``scales_src`` [G, N]. ``repack`` feeds it
+        a checkpoint layer; the opt-in int8 lm_head feeds it codes it computed itself."""
+        k, n = q.shape
         perm = fmt.act_order_perm(g_idx)
         order = perm if perm is not None else torch.arange(k)
         sorted_groups = g_idx[order]
@@ -131,7 +139,7 @@ class CPUBackend(Backend):
         nblk = -(-n // BLOCK_N)
         npad = nblk * BLOCK_N
         codes = torch.zeros(kp, npad, dtype=torch.uint8)
-        codes[dest, :n] = q[order].to(torch.uint8)
+        codes[dest, :n] = (q[order] if perm is not None else q).to(torch.uint8)
         if spec.bits == 8:
             # [Kp/2, 2, nblk, 64] -> [nblk, Kp/2, 64, 2]
             packed = codes.view(kp // 2, 2, nblk, BLOCK_N).permute(2, 0, 3, 1).contiguous()
@@ -144,7 +152,6 @@ class CPUBackend(Backend):
             blocked[:, :, _nibble_byte_of_column()] = pairs
             packed = blocked.permute(1, 0, 2).contiguous()
 
-        scales_src = t.scales.cpu()
         s_dtype = torch.float16 if scales_src.dtype == torch.float16 else torch.float32
         scales = torch.zeros(len(ids), npad, dtype=s_dtype)
         scales[:, :n] = scales_src[ids].to(s_dtype)

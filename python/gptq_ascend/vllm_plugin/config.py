@@ -170,11 +170,11 @@ class GPTQAscendConfig(QuantizationConfig):
 
         if isinstance(layer, ParallelLMHead):
             gptq = self._require_config()
-            if not gptq.lm_head:
-                return None
-            spec = self.spec_for_layer(prefix)
-            if spec is None:
-                return None
+            spec = self.spec_for_layer(prefix) if gptq.lm_head else None
+            if spec is None:  # a dense lm_head: vLLM's own method, or the opt-in int8 one on CPU
+                from .lm_head import Int8LMHeadMethod, lm_head_int8_requested
+
+                return Int8LMHeadMethod() if lm_head_int8_requested() and compat.device_type() == "cpu" else None
             return GPTQAscendLinearMethod(self, spec, prefix, lm_head=True)
         if isinstance(layer, LinearBase):
             spec = self.spec_for_layer(prefix)
