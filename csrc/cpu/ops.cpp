@@ -196,16 +196,26 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   else run_large_m(cfg, x2, p, bias, out2);
 }
 
+// The checks both gemm variants make; `shape` receives the output shape ([..., out_features]).
+Packed check_gemm(const char* op, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& zeros, const at::Tensor& row_map, const at::Tensor& group_ptr,
+                  const c10::optional<at::Tensor>& bias, int64_t bits, double sym_zero, int64_t in_features,
+                  int64_t out_features, std::vector<int64_t>& shape) {
+  Packed p = check_packed(op, codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features, out_features);
+  check_x(op, x, p);
+  check_bias(op, bias, p);
+  shape.assign(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return p;
+}
+
 at::Tensor cpu_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const c10::optional<at::Tensor>& zeros, const at::Tensor& row_map, const at::Tensor& group_ptr,
                     const c10::optional<at::Tensor>& bias, int64_t bits, double sym_zero, int64_t in_features,
                     int64_t out_features) {
-  const char* op = "gptq_ascend::cpu_gemm";
-  Packed p = check_packed(op, codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features, out_features);
-  check_x(op, x, p);
-  check_bias(op, bias, p);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
+  std::vector<int64_t> shape;
+  const Packed p = check_gemm("gptq_ascend::cpu_gemm", x, codes, scales, zeros, row_map, group_ptr, bias, bits,
+                              sym_zero, in_features, out_features, shape);
   at::Tensor out = at::empty(shape, x.options());
   gemm_into(x, p, bias, out);
   return out;
@@ -216,11 +226,9 @@ at::Tensor& cpu_gemm_out(const at::Tensor& x, const at::Tensor& codes, const at:
                          const at::Tensor& group_ptr, const c10::optional<at::Tensor>& bias, int64_t bits,
                          double sym_zero, int64_t in_features, int64_t out_features, at::Tensor& out) {
   const char* op = "gptq_ascend::cpu_gemm.out";
-  Packed p = check_packed(op, codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features, out_features);
-  check_x(op, x, p);
-  check_bias(op, bias, p);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
+  std::vector<int64_t> shape;
+  const Packed p = check_gemm(op, x, codes, scales, zeros, row_map, group_ptr, bias, bits, sym_zero, in_features,
+                              out_features, shape);
   TORCH_CHECK(out.device().is_cpu(), op, ": out must be a CPU tensor, got one on ", out.device());
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have x's dtype ", x.scalar_type(), ", got ",
               out.scalar_type());
