@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import format as fmt
 from .checkpoint import ST_ITEMSIZE, Checkpoint
-from .convert import human_bytes
+from .convert import human_bytes, layer_metas
 
 
 @dataclass
@@ -79,10 +79,7 @@ def inspect_checkpoint(src: str | Path, allow_pickle: bool = False) -> Inspectio
         specs.append((prefix, spec))
         per_setting[_spec_label(spec)] += 1
         _, qshape = ckpt.meta(f"{prefix}.qweight")
-        if f"{prefix}.g_idx" in ckpt.tensor_file:
-            k = ckpt.meta(f"{prefix}.g_idx")[1][0]
-        else:
-            k = qshape[0] * fmt.WORD_BITS // spec.bits
+        k = fmt.check_layer_shapes(prefix, layer_metas(ckpt, prefix, layers[prefix]), spec)
         fp16 += 2 * k * qshape[1]
     d = config.default
     settings = {"bits": d.bits, "group_size": d.group_size, "sym": d.sym, "desc_act": d.desc_act,
