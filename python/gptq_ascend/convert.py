@@ -287,6 +287,9 @@ def convert(
     side_files = _side_files(src)
 
     created = _missing_parents(dst)
+    existing = created[-1].parent if created else dst.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"{existing}: not a directory (the destination would be inside it)")
     tmp: Path | None = None
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -525,6 +525,23 @@ def validate_layer(name: str, t: GPTQTensors, spec: QuantSpec, in_features: int 
     return k
 
 
+def validate_loaded(t: GPTQTensors, spec: QuantSpec, in_features: int, num_groups: int,
+                    shards: list[tuple[str, int, int, torch.Tensor | None]]) -> None:
+    """:func:`validate_layer` for a layer as a serving engine loaded it (the vLLM plugin calls this).
+
+    A fused layer (q/k/v, gate/up) holds several checkpoint modules side by side along N; each
+    ``(checkpoint module name, first column, end column, its own g_idx or None)`` in ``shards`` is
+    validated on its columns under its own name, so an error names the tensor as the file stores it.
+    """
+    n = t.out_features
+    for name, c0, c1, g_idx in shards:
+        z0 = c0 * spec.bits // WORD_BITS
+        z1 = packed_len(c1, spec.bits) if c1 == n else c1 * spec.bits // WORD_BITS
+        part = GPTQTensors(t.qweight[:, c0:c1], t.qzeros[:, z0:z1], t.scales[:, c0:c1],
+                           g_idx if g_idx is not None else t.g_idx)
+        validate_layer(name, part, spec, in_features, num_groups)
+
+
 # --------------------------------------------------------------------------------------------------
 # The reference dequantization
 # --------------------------------------------------------------------------------------------------
