@@ -159,12 +159,13 @@ def output_tensors(dst: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.engine
 def test_engine_refuses_a_stored_negative_g_idx_naming_the_tensor(tmp_path):
-    """The issue's case: a real vLLM engine started on an act-order checkpoint with one g_idx entry -1
-    used to substitute the default order and serve different tokens. It must refuse, naming the
-    checkpoint tensor (k_proj, fused into qkv_proj by vLLM), as `convert` does."""
+    """The issue's case: a real vLLM engine started on an act-order checkpoint with one stored g_idx
+    entry -1 (o_proj: not fused, so its g_idx is the one vLLM loaded) took it for "g_idx absent",
+    substituted the default order, started and served different tokens. It must refuse, naming the
+    checkpoint tensor, as `convert` does."""
     pytest.importorskip("vllm")
     src = copy_fixture(tmp_path / "bad")
-    edit_tensors(src, lambda t: t["model.layers.0.self_attn.k_proj.g_idx"].__setitem__(3, -1))
+    edit_tensors(src, lambda t: t["model.layers.1.self_attn.o_proj.g_idx"].__setitem__(3, -1))
     script = ("from vllm import LLM\n"
               f"LLM(model={str(src)!r}, quantization='gptq_ascend', enforce_eager=True, max_model_len=256, "
               "dtype='float32', gpu_memory_utilization=0.5)\nprint('ENGINE STARTED')\n")
@@ -174,10 +175,10 @@ def test_engine_refuses_a_stored_negative_g_idx_naming_the_tensor(tmp_path):
                           env=env, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "ENGINE STARTED" not in out, out[-3000:]
-    assert ("FormatError: model.layers.0.self_attn.k_proj.g_idx: values must lie in [0, 3], "
+    assert ("FormatError: model.layers.1.self_attn.o_proj.g_idx: values must lie in [0, 3], "
             "found range [-1, 3]") in out, out[-3000:]
     rc, cout = run("convert", src, tmp_path / "out")  # the same file, offline: the same verdict
-    assert_refused(rc, cout, "model.layers.0.self_attn.k_proj.g_idx: values must lie in [0, 3]")
+    assert_refused(rc, cout, "model.layers.1.self_attn.o_proj.g_idx: values must lie in [0, 3]")
 
 
 def _qkv_layer(tensors: dict[str, torch.Tensor], prefix: str = "model.layers.0.self_attn"):
