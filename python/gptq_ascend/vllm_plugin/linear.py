@@ -374,14 +374,20 @@ class GPTQAscendLinearMethod(LinearMethodBase):
     def _checkpoint_shards(self) -> list[tuple[str, int, int, torch.Tensor | None]]:
         """(checkpoint module name, columns, its own g_idx) of each module fused into this layer."""
         sizes = self._layout["sizes"]
+        if len(sizes) == 1:
+            return [(self.prefix, 0, self._layout["n_part"], None)]
         parent, _, leaf = self.prefix.rpartition(".")
         subs = (getattr(self.quant_config, "packed_modules_mapping", None) or {}).get(leaf, [])
-        if len(sizes) == 1 or len(subs) != len(sizes):
-            return [(self.prefix, 0, self._layout["n_part"], None)]
-        by_range = {r: self._g_idx_shards[sid] for sid, r in _shard_offsets(sizes, self._g_idx_shards).items()}
+        if len(subs) == len(sizes):
+            names = [f"{parent}.{sub}" if parent else sub for sub in subs]
+        else:
+            names = [f"{self.prefix} (output shard {i})" for i in range(len(sizes))]
+        try:
+            by_range = {r: self._g_idx_shards[sid] for sid, r in _shard_offsets(sizes, self._g_idx_shards).items()}
+        except (KeyError, TypeError, ValueError, IndexError):  # shard ids this layout does not name
+            by_range = {}
         bounds = list(_shard_offsets(sizes, range(len(sizes))).values())
-        return [(f"{parent}.{sub}" if parent else sub, c0, c1, by_range.get((c0, c1)))
-                for sub, (c0, c1) in zip(subs, bounds, strict=True)]
+        return [(name, c0, c1, by_range.get((c0, c1))) for name, (c0, c1) in zip(names, bounds, strict=True)]
 
     def _add_part(self, layer: torch.nn.Module, t: fmt.GPTQTensors, n: int) -> None:
         spec, k = self.spec, self._layout["k_part"]
