@@ -248,6 +248,10 @@ def test_modules_in_block_and_not_convert():
     ({"bits": 4, "group_size": 128, "pack_dtype": "int16"}, "pack_dtype"),
     ({"bits": 4, "group_size": 128, "dynamic": {"+:(": {}}}, "not a valid regex"),
     ({"bits": 4, "group_size": 128, "dynamic": {".*down": {"bits": 6}}}, "bits: 6"),
+    ({"bits": 4, "group_size": 128, "modules_to_not_convert": 5}, "'modules_to_not_convert' must be a list"),
+    ({"bits": 4, "group_size": 128, "modules_to_not_convert": "lm_head"}, "'modules_to_not_convert' must be"),
+    ({"bits": 4, "group_size": 128, "modules_in_block_to_quantize": 7}, "'modules_in_block_to_quantize' must"),
+    ({"bits": 4, "group_size": 128, "modules_in_block_to_quantize": [["q_proj", 3]]}, "must be a list of"),
 ])
 def test_config_errors_name_the_field(cfg, needle):
     with pytest.raises(ConfigError, match=None) as e:
@@ -291,3 +295,23 @@ def test_validate_layer_names_the_tensor():
         with pytest.raises(FormatError) as e:
             fmt.validate_layer("blk.q_proj", bad, spec)
         assert needle in str(e.value)
+
+
+def test_layer_shapes_are_checked_from_metadata_alone():
+    """check_layer_shapes takes (dtype, shape) as a header gives them: nothing is allocated."""
+    i32, f16 = torch.int32, torch.float16
+    spec = fmt.QuantSpec(bits=4, group_size=-1)
+    ok = {"qweight": (i32, (4, 16)), "qzeros": (i32, (1, 2)), "scales": (f16, (1, 16))}
+    assert fmt.check_layer_shapes("m", ok, spec) == 32
+    cases = [
+        ({"qweight": (i32, (31250000, 0))}, "m.qweight: out_features (dim 1) must be in [1, 16777216], got 0"),
+        ({"qweight": (i32, (0, 16))}, "m.qweight: in_features must be in [1, 16777216], got 0"),
+        ({"qweight": (i32, ())}, "m.qweight: expected a 2-D int32 tensor, got int32 ()"),
+        ({"qweight": ("F8_E4M3", (4, 16))}, "m.qweight: expected a 2-D int32 tensor, got F8_E4M3 (4, 16)"),
+        ({"bias": (f16, (15,))}, "m.bias: expected shape (16,) (out_features), got (15,)"),
+        ({"g_idx": (torch.float32, (32,))}, "m.g_idx: expected a 1-D int32 tensor, got float32 (32,)"),
+    ]
+    for change, message in cases:
+        with pytest.raises(FormatError) as e:
+            fmt.check_layer_shapes("m", {**ok, **change}, spec)
+        assert str(e.value) == message

@@ -10,7 +10,9 @@ are produced and written one at a time and memory stays bounded by the largest t
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
-from .format import GPTQTensors
+from .errors import CheckpointError, GPTQAscendError
+from .format import GPTQTensors, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,15 +31,54 @@ PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _inside(folder: Path, name: str, index_path: Path) -> Path:
-    """Resolve an index entry, refusing anything that escapes the model folder."""
-    if not isinstance(name, str) or not name:
-        raise CheckpointError(f"{index_path}: shard name {name!r} is not a file name")
-    candidate = (folder / name).resolve()
+def source_roots(folder: Path) -> list[Path]:
+    """The folders a checkpoint's files may live in, after following symlinks.
+
+    The rule: a file of the model folder (a shard, the index, config.json, a tokenizer or any other
+    side file) may be a symlink only if it resolves inside the folder itself or, when the folder is a
+    Hugging Face cache snapshot (``.../snapshots/<revision>/``), inside that repository's blob store
+    (``.../blobs``, where the cache keeps the real files). Anything else is refused, never copied.
+    """
     root = folder.resolve()
-    if os.path.isabs(name) or candidate.parent != root and root not in candidate.parents:
-        raise CheckpointError(f"{index_path}: shard {name!r} points outside the model folder {folder}")
-    return candidate
+    roots = [root]
+    if root.parent.name == "snapshots":
+        blobs = root.parent.parent / "blobs"
+        if blobs.is_dir():
+            roots.append(blobs.resolve())
+    return roots
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def checked_file(folder: Path, name: str, what: str, roots: list[Path] | None = None) -> Path:
+    """``folder / name`` resolved, if it is a regular file the symlink rule allows (see source_roots).
+
+    ``what`` names the file that refers to ``name`` (the index) or the file itself, for the message.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{what}: file name {name!r} is not a file name")
+    lexical = os.path.normpath(name)
+    if os.path.isabs(name) or lexical == ".." or lexical.startswith(".." + os.sep):
+        raise CheckpointError(f"{what}: {name!r} points outside the model folder {folder}")
+    path = folder / name
+    try:
+        resolved = path.resolve(strict=True)
+        st = os.stat(resolved)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
+        reason = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(f"{what}: {name!r} is missing or unreadable ({reason})") from None
+    roots = roots if roots is not None else source_roots(folder)
+    if not any(_within(resolved, r) for r in roots):
+        raise CheckpointError(
+            f"{what}: {name!r} is a symlink to {resolved}, outside the model folder"
+            + (" and its Hugging Face blob store" if len(roots) > 1 else "")
+            + "; copy the file into the folder (symlinks may only point inside it, or into ../../blobs "
+              "of a Hugging Face cache snapshot)")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what}: {name!r} is not a regular file")
+    return resolved
 
 
 @dataclass
@@ -49,20 +90,25 @@ class Checkpoint:
     tensor_file: dict[str, Path]
     pickled: bool = False
     _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _headers: dict[Path, dict] = field(default_factory=dict, repr=False)  # each header parsed once
+    _open: tuple[Path, object] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, folder: str | Path, allow_pickle: bool = False) -> Checkpoint:
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a directory")
+        roots = source_roots(folder)
         index = folder / INDEX_NAME
-        if index.exists():
-            return cls._from_index(folder, index)
+        if os.path.lexists(index):
+            return cls._from_index(folder, checked_file(folder, INDEX_NAME, str(index), roots), roots)
         single = folder / SINGLE_NAME
-        files = [single] if single.exists() else sorted(folder.glob("*.safetensors"))
+        names = [SINGLE_NAME] if os.path.lexists(single) else sorted(p.name for p in folder.glob("*.safetensors"))
+        files = [checked_file(folder, n, str(folder / n), roots) for n in names]
         if files:
             return cls._from_files(folder, files)
         pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+        pickles = [checked_file(folder, p.name, str(p), roots) for p in pickles]
         if pickles:
             if not allow_pickle:
                 raise CheckpointError(
@@ -74,29 +120,38 @@ class Checkpoint:
         raise CheckpointError(f"{folder}: no *.safetensors weights found")
 
     @classmethod
-    def _from_index(cls, folder: Path, index: Path) -> Checkpoint:
+    def _from_index(cls, folder: Path, index: Path, roots: list[Path]) -> Checkpoint:
+        where = folder / INDEX_NAME
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: malformed JSON ({e})") from None
+            data = read_json(index)
+        except GPTQAscendError as e:
+            raise CheckpointError(str(e).replace(str(index), str(where), 1)) from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object")
+            raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
         tensor_file: dict[str, Path] = {}
-        files: dict[Path, None] = {}
+        files: dict[Path, str] = {}
+        resolved: dict[str, Path] = {}
         for tensor, shard in weight_map.items():
-            path = _inside(folder, shard, index)
-            if not path.is_file():
-                raise CheckpointError(f"{index}: shard {shard!r} (holding {tensor!r}) is missing")
-            tensor_file[tensor] = path
-            files[path] = None
+            if not isinstance(shard, str) or shard not in resolved:
+                resolved[shard] = checked_file(folder, shard, f"{where} (shard of {tensor!r})", roots)
+            tensor_file[tensor] = resolved[shard]
+            files.setdefault(resolved[shard], shard)
         ckpt = cls(folder, list(files), tensor_file)
-        # The index may be stale: every tensor it names must be in the shard it names.
-        for path in ckpt.files:
-            names = set(ckpt._header_names(path))
-            for tensor, p in tensor_file.items():
-                if p == path and tensor not in names:
-                    raise CheckpointError(f"{index}: {tensor!r} is listed in {path.name} but not stored there")
+        # The index must describe its shards exactly: a tensor it names must be in the shard it names,
+        # and a tensor a shard stores must be in the index (else it would be dropped without a word).
+        listed: dict[Path, set[str]] = defaultdict(set)
+        for tensor, path in tensor_file.items():
+            listed[path].add(tensor)
+        for path, shard in files.items():
+            stored = set(ckpt._header_names(path))
+            for tensor in sorted(listed[path] - stored):
+                raise CheckpointError(f"{where}: {tensor!r} is listed in {shard} but not stored there")
+            for tensor in sorted(stored - listed[path]):
+                other = weight_map.get(tensor)
+                also = f" (the index says it is in {other})" if other is not None else ""
+                raise CheckpointError(f"{folder / shard}: stores {tensor!r}, "
+                                      f"which {INDEX_NAME} does not list{also}; refusing to drop it")
         return ckpt
 
     @classmethod
@@ -129,10 +184,15 @@ class Checkpoint:
             self._pickle_cache[path] = state
         return self._pickle_cache[path]
 
+    def _header(self, path: Path) -> dict:
+        header = self._headers.get(path)
+        if header is None:
+            header = self._headers[path] = read_safetensors_header(path)
+        return header
+
     def _header_names(self, path: Path) -> list[str]:
         """Names stored in a safetensors file, after checking that the file is whole."""
-        header = read_safetensors_header(path)
-        return [k for k in header if k != "__metadata__"]
+        return [k for k in self._header(path) if k != "__metadata__"]
 
     # ----------------------------------------------------------------------------------------------
 
@@ -146,8 +206,12 @@ class Checkpoint:
         if self.pickled:
             return self._load_pickle(path)[name]
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
+            # One open file at a time: opening parses the whole header again, once per tensor would
+            # make reading quadratic in the tensor count.
+            if self._open is None or self._open[0] != path:
+                self._open = None
+                self._open = (path, safe_open(str(path), framework="pt"))
+            return self._open[1].get_tensor(name)
         except Exception as e:  # safetensors raises SafetensorError / OSError
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
 
@@ -156,8 +220,8 @@ class Checkpoint:
         path = self.tensor_file[name]
         if self.pickled:
             t = self._load_pickle(path)[name]
-            return DTYPE_TO_ST[t.dtype], tuple(t.shape)
-        entry = read_safetensors_header(path)[name]
+            return DTYPE_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape)
+        entry = self._header(path)[name]
         return entry["dtype"], tuple(entry["shape"])
 
     def nbytes(self, name: str) -> int:
@@ -210,38 +274,67 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_safetensors_header(path: Path) -> dict:
-    """The parsed header, after checking that every tensor's bytes lie within the file."""
+    """The parsed header, after checking every entry's fields and that its bytes lie within the file.
+
+    Errors name the file and, for an entry, the tensor and the field.
+    """
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open() below forever
+            raise CheckpointError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path}: corrupted or truncated safetensors header "
-                                      f"(claims {n} bytes, file has {size})")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupted safetensors header: claims {n} bytes, over the "
+                                      f"{MAX_HEADER_BYTES}-byte limit of the format")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated safetensors header (claims {n} bytes, file has "
+                                      f"{size})")
             header = json.loads(f.read(n).decode("utf-8"))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupted safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header (not an object)")
     data_len = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: corrupted header: '__metadata__' must map names to strings")
             continue
-        try:
-            begin, end = entry["data_offsets"]
-            count = 1
-            for d in entry["shape"]:
-                count *= int(d)
-            expected = count * ST_ITEMSIZE[entry["dtype"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupted header entry for {name!r} ({e!r})") from None
-        if end - begin != expected or begin < 0:
+
+        def bad(what: str, name: str = name) -> CheckpointError:
+            return CheckpointError(f"{path}: corrupted header entry for {name!r}: {what}")
+
+        if not isinstance(entry, dict):
+            raise bad("expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+            raise bad(f"'dtype' is {str(dtype)[:40]!r}, expected one of {', '.join(ST_ITEMSIZE)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"'shape' must be a list of non-negative integers, got {str(shape)[:60]}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise bad(f"'data_offsets' must be two non-negative integers [begin, end] with begin <= end, "
+                      f"got {str(offsets)[:60]}")
+        begin, end = offsets
+        expected = math.prod(shape) * ST_ITEMSIZE[dtype]
+        if end - begin != expected:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, "
                                   f"its shape and dtype need {expected}")
         if end > data_len:
@@ -292,7 +385,7 @@ class SafetensorsWriter:
         if name != p.name or tensor.dtype != p.dtype or tuple(tensor.shape) != p.shape:
             raise CheckpointError(f"{self.path}: internal error: expected {p.name} {p.dtype} {p.shape}, "
                                   f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().contiguous().cpu()
+        data = tensor.detach().cpu().reshape(-1)  # 1-D: a 0-D tensor cannot be viewed as bytes
         self._file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
         self._next += 1
 
@@ -330,8 +423,10 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(text: str | int) -> int:
     """'5GB' / '500MiB' / 1000000 -> bytes (decimal units as in transformers)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return text
+    if not isinstance(text, str):
+        raise CheckpointError(f"--max-shard-size: {text!r} is not a size (expected e.g. 5GB, 500MB, 2GiB)")
     s = text.strip().upper().replace(" ", "")
     for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
         if s.endswith(unit):
@@ -340,7 +435,7 @@ def parse_size(text: str | int) -> int:
                 value = float(number)
             except ValueError:
                 break
-            if value <= 0:
+            if not (math.isfinite(value) and value > 0) or value * _SIZE_UNITS[unit] < 1:
                 break
             return int(value * _SIZE_UNITS[unit])
     try:

@@ -114,6 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, GPTQAscendError):
             print(f"gptq-ascend {args.command}: error: {e}", file=sys.stderr)
             return 1
+        if isinstance(e, OSError):  # a read or write the commands did not expect to fail
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"gptq-ascend {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 1
+        if isinstance(e, MemoryError):
+            print(f"gptq-ascend {args.command}: error: out of memory", file=sys.stderr)
+            return 1
         raise
 
 

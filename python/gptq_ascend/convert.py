@@ -29,9 +29,11 @@ from .checkpoint import (
     Checkpoint,
     PlannedTensor,
     SafetensorsWriter,
+    checked_file,
     parse_size,
     shard_names,
     shard_plan,
+    source_roots,
 )
 from .errors import CheckpointError, FormatError, GPTQAscendError
 
@@ -39,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
-FP16_MAX = torch.finfo(torch.float16).max
 
 # (tensors, spec, in_features, dtype) -> [N, K] weight in dtype. The default is the reference.
 DequantFn = Callable[[fmt.GPTQTensors, fmt.QuantSpec, int, torch.dtype], torch.Tensor]
@@ -48,8 +49,7 @@ DequantFn = Callable[[fmt.GPTQTensors, fmt.QuantSpec, int, torch.dtype], torch.T
 def reference_dequant(t: fmt.GPTQTensors, spec: fmt.QuantSpec, k: int, dtype: torch.dtype) -> torch.Tensor:
     """The HF Linear weight [N, K]: format.dequantize (the definition), transposed."""
     w = fmt.dequantize(t, spec, k, torch.float32)
-    check_range(w, dtype)
-    return w.t().to(dtype).contiguous()
+    return cast_checked(w.t(), dtype).contiguous()
 
 
 def backend_dequant(name: str) -> DequantFn:
@@ -63,22 +63,33 @@ def backend_dequant(name: str) -> DequantFn:
 
     def run(t: fmt.GPTQTensors, spec: fmt.QuantSpec, k: int, dtype: torch.dtype) -> torch.Tensor:
         w = backend.dequant(backend.repack(t, spec, k), torch.float32).cpu()
-        check_range(w, dtype)
-        return w.t().to(dtype).contiguous()
+        return cast_checked(w.t(), dtype).contiguous()
 
     return run
 
 
-class Fp16RangeError(FormatError):
-    pass
+class RangeError(FormatError):
+    """A value that is finite in the source is not finite in the output dtype."""
 
 
-def check_range(w: torch.Tensor, dtype: torch.dtype) -> None:
-    if dtype == torch.float16:
-        over = w.abs() > FP16_MAX
-        if bool(over.any()):
-            raise Fp16RangeError(f"{int(over.sum())} dequantized value(s) exceed the float16 range "
-                                 f"(max |w| = {float(w.abs().max()):.6g} > {FP16_MAX:.0f})")
+Fp16RangeError = RangeError  # the name before bfloat16 output was checked too
+
+
+def cast_checked(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, refusing to turn a value into Inf/NaN (the caller adds the tensor's name)."""
+    out = x.to(dtype)
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            raise RangeError(f"{int((~finite).sum())} value(s) are NaN/Inf already in float32 (scales or "
+                             "weights too large for any output dtype)")
+        big = float(x.abs().max())
+        advice = ("; convert with --dtype bfloat16 instead"
+                  if dtype == torch.float16 and big <= torch.finfo(torch.bfloat16).max else "")
+        raise RangeError(f"{int(bad.sum())} value(s) exceed the {str(dtype).replace('torch.', '')} range "
+                         f"(max |x| = {big:.6g} > {torch.finfo(dtype).max:.6g}){advice}")
+    return out
 
 
 @dataclass
@@ -91,7 +102,17 @@ class ConvertPlan:
     source_of: dict[str, tuple[str, str]]  # output name -> ("quant", prefix) | ("plain", src name)
 
 
+def layer_metas(ckpt: Checkpoint, prefix: str, parts: set[str]) -> dict[str, fmt.Meta]:
+    """(dtype, shape) of a layer's stored tensors, from the header (unknown dtypes as their names)."""
+    out: dict[str, fmt.Meta] = {}
+    for part in parts:
+        st_dtype, shape = ckpt.meta(f"{prefix}.{part}")
+        out[part] = (ST_TO_DTYPE.get(st_dtype, st_dtype), shape)
+    return out
+
+
 def plan_conversion(ckpt: Checkpoint, config: fmt.GPTQConfig, dtype: torch.dtype) -> ConvertPlan:
+    """The output, from headers only: every layer's shapes are checked here, before anything is read."""
     layers: dict[str, tuple[fmt.QuantSpec, int]] = {}
     for prefix, parts in ckpt.quantized_layers().items():
         spec = config.spec_for(prefix)
@@ -99,12 +120,7 @@ def plan_conversion(ckpt: Checkpoint, config: fmt.GPTQConfig, dtype: torch.dtype
             raise FormatError(f"{prefix}.qweight: the checkpoint stores this module quantized, but "
                               f"{config.source} says it is not (lm_head / dynamic '-:' / "
                               "modules_to_not_convert); refusing to guess its settings")
-        if "g_idx" in parts:
-            _, shape = ckpt.meta(f"{prefix}.g_idx")
-            k = shape[0] if shape else 0
-        else:
-            _, shape = ckpt.meta(f"{prefix}.qweight")
-            k = shape[0] * fmt.WORD_BITS // spec.bits
+        k = fmt.check_layer_shapes(prefix, layer_metas(ckpt, prefix, parts), spec)
         layers[prefix] = (spec, k)
 
     outputs: list[PlannedTensor] = []
@@ -125,6 +141,9 @@ def plan_conversion(ckpt: Checkpoint, config: fmt.GPTQConfig, dtype: torch.dtype
             if src_dtype is None:
                 raise CheckpointError(f"{ckpt.tensor_file[name]}: tensor {name!r} has dtype {st_dtype}, "
                                       "which the converter does not handle")
+            if name.endswith(".weight") and name[: -len(".weight")] in layers:
+                raise CheckpointError(f"{ckpt.tensor_file[name]}: stores {name!r} beside "
+                                      f"{name[: -len('.weight')]}.qweight; the output would hold two")
             out_dtype = dtype if src_dtype.is_floating_point else src_dtype
             outputs.append(PlannedTensor(name, out_dtype, shape))
             source_of[name] = ("plain", name)
@@ -172,11 +191,12 @@ def _progress(total: int, desc: str, enabled: bool | None):
 
 def _hf_config(src: Path) -> dict:
     path = src / "config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: not found (is {src} a Hugging Face model folder?)")
+    checked_file(src, "config.json", str(path))
     cfg = fmt.read_json(path)
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object, got a JSON {type(cfg).__name__}")
     return cfg
 
 
@@ -184,13 +204,56 @@ _SKIP_FILES = {"config.json", *fmt.QUANT_CONFIG_FILES, INDEX_NAME, PICKLE_INDEX_
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    copied = []
+def _side_files(src: Path) -> list[tuple[str, Path]]:
+    """(name, resolved path) of the files to copy, each checked against the symlink rule first."""
+    roots = source_roots(src)
+    files = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.name not in _SKIP_FILES and not p.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(p, dst / p.name)
-            copied.append(p.name)
-    return copied
+        if p.name in _SKIP_FILES or p.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if not p.is_symlink() and not p.is_file():
+            if not p.is_dir():
+                logger.warning("%s: not a regular file (a FIFO, socket or device); not copied", p)
+            continue
+        if p.is_symlink() and p.is_dir():
+            continue
+        files.append((p.name, checked_file(src, p.name, str(p), roots)))
+    return files
+
+
+def _copy_side_files(files: list[tuple[str, Path]], dst: Path) -> list[str]:
+    for name, path in files:
+        shutil.copyfile(path, dst / name)
+        shutil.copystat(path, dst / name)
+    return [name for name, _ in files]
+
+
+def _check_dst(src: Path, dst: Path) -> None:
+    """Refuse a DST that is the source, lies inside it or contains it (symlinks resolved)."""
+    target = dst.resolve()
+    for root in source_roots(src):
+        if target == root or root in target.parents or target in root.parents:
+            where = ("is" if target == root else "is inside" if root in target.parents else "contains")
+            raise GPTQAscendError(f"{dst}: the destination {where} the source {root}; choose a folder "
+                                  "outside it (--force never replaces or deletes source files)")
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, deepest first."""
+    out = []
+    p = path.parent
+    while not os.path.lexists(p) and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first; stops at one that is not empty (someone else wrote there)
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 def convert(
@@ -211,22 +274,29 @@ def convert(
         raise GPTQAscendError(f"--dtype: {dtype!r} is not supported (expected float16 or bfloat16)")
     dtype_name = {v: k for k, v in DTYPES.items()}[torch_dtype]
     max_bytes = parse_size(max_shard_size)
-    if dst.exists() and not force:
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    _check_dst(src, dst)
+    if os.path.lexists(dst) and not force:
         raise GPTQAscendError(f"{dst}: already exists (pass --force to replace it)")
-    if dst.resolve() == src.resolve():
-        raise GPTQAscendError(f"{dst}: the destination must differ from the source")
 
     hf_config = _hf_config(src)
     config = fmt.GPTQConfig.load(src)
     ckpt = Checkpoint.open(src, allow_pickle=allow_pickle)
     plan = plan_conversion(ckpt, config, torch_dtype)
+    side_files = _side_files(src)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    created = _missing_parents(dst)
+    existing = created[-1].parent if created else dst.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"{existing}: not a directory (the destination would be inside it)")
+    tmp: Path | None = None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
         shards = shard_plan(plan.outputs, max_bytes)
         names = list(shard_names(len(shards)))
         weight_map: dict[str, str] = {}
@@ -241,7 +311,7 @@ def convert(
                     total += p.nbytes
                     bar.update(1)
                 writer.close()
-        (tmp / INDEX_NAME).write_text(json.dumps(
+        _write_text(tmp / INDEX_NAME, json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
         out_config = dict(hf_config)
@@ -249,8 +319,8 @@ def convert(
         out_config["torch_dtype"] = dtype_name
         if "dtype" in out_config:
             out_config["dtype"] = dtype_name
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        _copy_side_files(src, tmp)
+        _write_text(tmp / "config.json", json.dumps(out_config, indent=2) + "\n")
+        _copy_side_files(side_files, tmp)
 
         report = None
         if verify:
@@ -258,10 +328,22 @@ def convert(
             if not report.ok:
                 raise VerifyFailed(report)
         _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{e.filename or dst}: {e.strerror or e} (writing {dst}; nothing was "
+                                  "written)") from None
         raise
     return ConvertResult(dst, len(shards), len(plan.outputs), len(plan.layers), total, report)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class VerifyFailed(GPTQAscendError):
@@ -279,18 +361,23 @@ def _produce(ckpt: Checkpoint, plan: ConvertPlan, p: PlannedTensor, dequant_fn: 
         fmt.validate_layer(key, t, spec, k)
         try:
             w = dequant_fn(t, spec, k, p.dtype)
-        except Fp16RangeError as e:
-            raise Fp16RangeError(f"{key}: {e}; convert with --dtype bfloat16 instead") from None
+        except RangeError as e:
+            raise RangeError(f"{key}: dequantized weight: {e}") from None
         if tuple(w.shape) != p.shape or w.dtype != p.dtype:
             raise FormatError(f"{key}: dequant returned {w.dtype} {tuple(w.shape)}, expected {p.dtype} {p.shape}")
         return w
     tensor = ckpt.get(key)
-    return tensor.to(p.dtype) if tensor.is_floating_point() else tensor
+    if not tensor.is_floating_point():
+        return tensor
+    try:
+        return cast_checked(tensor, p.dtype)
+    except RangeError as e:
+        raise RangeError(f"{ckpt.tensor_file[key]}: tensor {key!r}: {e}") from None
 
 
 def _replace(tmp: Path, dst: Path) -> None:
     """Move the finished folder into place; an existing DST survives until the new one is there."""
-    if dst.exists():
+    if os.path.lexists(dst):
         backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
         os.rmdir(backup)
         os.replace(dst, backup)
@@ -299,7 +386,10 @@ def _replace(tmp: Path, dst: Path) -> None:
         except BaseException:
             os.replace(backup, dst)
             raise
-        shutil.rmtree(backup, ignore_errors=True)
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:  # DST was a file or a symlink: remove it, not what it points to
+            backup.unlink()
     else:
         os.replace(tmp, dst)
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -105,13 +107,19 @@ class QuantSpec:
 def _as_bool(value: Any, name: str, source: str) -> bool:
     if isinstance(value, bool):
         return value
-    raise ConfigError(f"{source}: field {name!r} must be true or false, got {value!r}")
+    raise ConfigError(f"{source}: field {name!r} must be true or false, got {_short(value)}")
 
 
 def _as_int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{source}: field {name!r} must be an integer, got {value!r}")
+        raise ConfigError(f"{source}: field {name!r} must be an integer, got {_short(value)}")
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A config value for an error message, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _spec_from_fields(fields: Mapping[str, Any], base: QuantSpec | None, source: str) -> QuantSpec:
@@ -174,6 +182,8 @@ class GPTQConfig:
         if not isinstance(raw_dynamic, Mapping):
             raise ConfigError(f"{source}: field 'dynamic' must be an object of regex -> overrides")
         for key, overrides in raw_dynamic.items():
+            if not isinstance(key, str):  # JSON keys are strings; this guards from_dict callers
+                raise ConfigError(f"{source}: dynamic key {key!r} must be a string")
             quantized = not key.startswith("-:")
             pattern = key[2:] if key.startswith(("-:", "+:")) else key
             try:
@@ -191,12 +201,18 @@ class GPTQConfig:
         names: tuple[str, ...] | None = None
         if in_block is not None:
             flat: list[str] = []
-            for item in in_block:
-                flat.extend(item if isinstance(item, list) else [item])
-            if not all(isinstance(n, str) for n in flat):
-                raise ConfigError(f"{source}: field 'modules_in_block_to_quantize' must list module names")
+            if isinstance(in_block, list):
+                for item in in_block:
+                    flat.extend(item if isinstance(item, list) else [item])
+            if not isinstance(in_block, list) or not all(isinstance(n, str) for n in flat):
+                raise ConfigError(f"{source}: field 'modules_in_block_to_quantize' must be a list of module "
+                                  f"names (or of lists of them), got {_short(in_block)}")
             names = tuple(flat)
-        not_convert = tuple(cfg.get("modules_to_not_convert") or ())
+        not_convert_raw = cfg.get("modules_to_not_convert") or []
+        if not isinstance(not_convert_raw, list) or not all(isinstance(n, str) for n in not_convert_raw):
+            raise ConfigError(f"{source}: field 'modules_to_not_convert' must be a list of module names, "
+                              f"got {_short(not_convert_raw)}")
+        not_convert = tuple(not_convert_raw)
         lm_head = cfg.get("lm_head", False)
         return cls(
             default=default,
@@ -214,6 +230,8 @@ class GPTQConfig:
         model_dir = Path(model_dir)
         config_path = model_dir / "config.json"
         hf_config = read_json(config_path) if config_path.exists() else None
+        if hf_config is not None and not isinstance(hf_config, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object, got a JSON {type(hf_config).__name__}")
         if hf_config is not None and "quantization_config" in hf_config:
             return cls.from_dict(hf_config["quantization_config"], f"{config_path} [quantization_config]")
         for name in QUANT_CONFIG_FILES:
@@ -265,12 +283,28 @@ class GPTQConfig:
         return self.default
 
 
-def read_json(path: Path) -> Any:
+# config.json, quantize_config.json and the index are kilobytes; a cap keeps a hostile one from being
+# read whole into memory (or copied) before anything else is checked.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a small JSON file; every way it can be bad is a ConfigError naming ``path``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if st.st_size > limit:
+            raise ConfigError(f"{path}: {st.st_size} bytes; JSON files over {limit // 2**20} MiB are refused")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -412,51 +446,117 @@ class GPTQTensors:
         return self.qweight.shape[0] * WORD_BITS // spec.bits
 
 
-def validate_layer(name: str, t: GPTQTensors, spec: QuantSpec, in_features: int | None = None) -> int:
-    """Check that a layer's tensors agree with each other and with ``spec``; return K.
+# Shapes are checked from headers before any tensor is read or any output allocated; a layer whose
+# dimensions are out of this range is refused by name (no real model comes near it, and K or N of 0
+# would let a header of a few bytes make the dequant allocate memory proportional to the other one).
+MAX_FEATURES = 2**24
 
-    Errors name the tensor (``name.qweight`` ...) and say what was expected.
+Meta = tuple["torch.dtype | str | None", tuple[int, ...]]  # (dtype, or its safetensors name if unknown; shape)
+
+
+def _meta_text(meta: Meta) -> str:
+    dtype, shape = meta
+    return f"{str(dtype).replace('torch.', '')} {tuple(shape)}"
+
+
+def check_layer_shapes(name: str, metas: Mapping[str, Meta], spec: QuantSpec,
+                       in_features: int | None = None, num_groups: int | None = None) -> int:
+    """Check one layer's tensor dtypes and shapes (from a header, or loaded tensors); return K.
+
+    ``metas`` maps qweight / qzeros / scales and, if stored, g_idx / bias to (dtype, shape).
+    ``num_groups`` overrides the scale rows expected from K (a tensor-parallel rank holding a slice of
+    the rows but every group's scales). Errors name the tensor (``name.qweight`` ...) and say what
+    was expected.
     """
     def fail(tensor: str, msg: str) -> FormatError:
         return FormatError(f"{name}.{tensor}: {msg}")
 
+    for tname in ("qweight", "qzeros", "scales"):
+        if tname not in metas:
+            raise fail(tname, "missing (a quantized layer needs qweight, qzeros and scales)")
     for tname in ("qweight", "qzeros"):
-        tensor = getattr(t, tname)
-        if tensor.dtype != torch.int32 or tensor.dim() != 2:
-            raise fail(tname, f"expected a 2-D int32 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
-    if not t.scales.is_floating_point() or t.scales.dim() != 2:
-        raise fail("scales", f"expected a 2-D float tensor, got {t.scales.dtype} {tuple(t.scales.shape)}")
-    n = t.out_features
-    if t.g_idx is not None:
-        if t.g_idx.dim() != 1 or t.g_idx.dtype not in (torch.int32, torch.int64):
-            raise fail("g_idx", f"expected a 1-D int32 tensor, got {t.g_idx.dtype} {tuple(t.g_idx.shape)}")
-    k = in_features if in_features is not None else t.in_features(spec)
-    if t.g_idx is not None and t.g_idx.numel() != k:
-        raise fail("g_idx", f"expected {k} entries (in_features), got {t.g_idx.numel()}")
+        dtype, shape = metas[tname]
+        if dtype != torch.int32 or len(shape) != 2:
+            raise fail(tname, f"expected a 2-D int32 tensor, got {_meta_text(metas[tname])}")
+    dtype, shape = metas["scales"]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or len(shape) != 2:
+        raise fail("scales", f"expected a 2-D float tensor, got {_meta_text(metas['scales'])}")
+    g_meta = metas.get("g_idx")
+    if g_meta is not None and (g_meta[0] not in (torch.int32, torch.int64) or len(g_meta[1]) != 1):
+        raise fail("g_idx", f"expected a 1-D int32 tensor, got {_meta_text(g_meta)}")
+    qshape = tuple(metas["qweight"][1])
+    n = qshape[1]
+    if in_features is not None:
+        k = in_features
+    elif g_meta is not None:
+        k = g_meta[1][0]
+    else:
+        k = qshape[0] * WORD_BITS // spec.bits
+    if not (0 < n <= MAX_FEATURES):
+        raise fail("qweight", f"out_features (dim 1) must be in [1, {MAX_FEATURES}], got {n}")
+    if not (0 < k <= MAX_FEATURES):
+        raise fail("qweight", f"in_features must be in [1, {MAX_FEATURES}], got {k}")
+    if g_meta is not None and g_meta[1][0] != k:
+        raise fail("g_idx", f"expected {k} entries (in_features), got {g_meta[1][0]}")
     rows = packed_len(k, spec.bits)
-    if t.qweight.shape[0] != rows:
+    if qshape[0] != rows:
         raise fail("qweight", f"expected shape ({rows}, {n}) for in_features={k} at {spec.bits} bits, "
-                              f"got {tuple(t.qweight.shape)}")
+                              f"got {qshape}")
     if spec.bits == 3 and k % 32:
         raise fail("qweight", f"3-bit layers need in_features to be a multiple of 32, got {k}")
-    groups = spec.num_groups(k)
-    if tuple(t.scales.shape) != (groups, n):
+    groups = num_groups if num_groups is not None else spec.num_groups(k)
+    if tuple(metas["scales"][1]) != (groups, n):
         raise fail("scales", f"expected shape ({groups}, {n}) for in_features={k}, "
-                             f"group_size={spec.group_size}, got {tuple(t.scales.shape)}")
+                             f"group_size={spec.group_size}, got {tuple(metas['scales'][1])}")
     zcols = packed_len(n, spec.bits)
-    if tuple(t.qzeros.shape) != (groups, zcols):
-        raise fail("qzeros", f"expected shape ({groups}, {zcols}), got {tuple(t.qzeros.shape)}")
-    if t.g_idx is not None and k:
+    if tuple(metas["qzeros"][1]) != (groups, zcols):
+        raise fail("qzeros", f"expected shape ({groups}, {zcols}), got {tuple(metas['qzeros'][1])}")
+    b_meta = metas.get("bias")
+    if b_meta is not None and tuple(b_meta[1]) != (n,):
+        raise fail("bias", f"expected shape ({n},) (out_features), got {tuple(b_meta[1])}")
+    return k
+
+
+def validate_layer(name: str, t: GPTQTensors, spec: QuantSpec, in_features: int | None = None,
+                   num_groups: int | None = None) -> int:
+    """Check that a layer's tensors agree with each other and with ``spec``; return K.
+
+    The one validation of a layer's tensors: the converter calls it on what it read, the vLLM plugin
+    on what vLLM loaded, the backends before they repack. Shapes as in :func:`check_layer_shapes`,
+    then values: every g_idx entry must name a group that exists, every scale must be finite.
+    Errors name the tensor (``name.qweight`` ...) and say what was expected.
+    """
+    metas: dict[str, Meta] = {n: (getattr(t, n).dtype, tuple(getattr(t, n).shape))
+                              for n in ("qweight", "qzeros", "scales", "g_idx", "bias")
+                              if getattr(t, n) is not None}
+    k = check_layer_shapes(name, metas, spec, in_features, num_groups)
+    groups = t.scales.shape[0]
+    if t.g_idx is not None:
         lo, hi = int(t.g_idx.min()), int(t.g_idx.max())
         if lo < 0 or hi >= groups:
-            raise fail("g_idx", f"values must lie in [0, {groups - 1}], found range [{lo}, {hi}]")
+            raise FormatError(f"{name}.g_idx: values must lie in [0, {groups - 1}], found range [{lo}, {hi}]")
     bad = ~torch.isfinite(t.scales)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise fail("scales", f"{int(bad.sum())} non-finite value(s) (NaN/Inf), first at {idx}")
-    if t.bias is not None and tuple(t.bias.shape) != (n,):
-        raise fail("bias", f"expected shape ({n},), got {tuple(t.bias.shape)}")
+        raise FormatError(f"{name}.scales: {int(bad.sum())} non-finite value(s) (NaN/Inf), first at {idx}")
     return k
+
+
+def validate_loaded(t: GPTQTensors, spec: QuantSpec, in_features: int, num_groups: int,
+                    shards: list[tuple[str, int, int, torch.Tensor | None]]) -> None:
+    """:func:`validate_layer` for a layer as a serving engine loaded it (the vLLM plugin calls this).
+
+    A fused layer (q/k/v, gate/up) holds several checkpoint modules side by side along N; each
+    ``(checkpoint module name, first column, end column, its own g_idx or None)`` in ``shards`` is
+    validated on its columns under its own name, so an error names the tensor as the file stores it.
+    """
+    n = t.out_features
+    for name, c0, c1, g_idx in shards:
+        z0 = c0 * spec.bits // WORD_BITS
+        z1 = packed_len(c1, spec.bits) if c1 == n else c1 * spec.bits // WORD_BITS
+        part = GPTQTensors(t.qweight[:, c0:c1], t.qzeros[:, z0:z1], t.scales[:, c0:c1],
+                           g_idx if g_idx is not None else t.g_idx)
+        validate_layer(name, part, spec, in_features, num_groups)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import format as fmt
 from .checkpoint import ST_ITEMSIZE, Checkpoint
+from .convert import layer_metas
 from .units import human_bytes
 
 
@@ -110,10 +111,7 @@ def inspect_checkpoint(src: str | Path, allow_pickle: bool = False) -> Inspectio
         spec = config.spec_for(prefix) or config.default
         per_setting[_spec_label(spec)] += 1
         _, qshape = ckpt.meta(f"{prefix}.qweight")
-        if f"{prefix}.g_idx" in ckpt.tensor_file:
-            k = ckpt.meta(f"{prefix}.g_idx")[1][0]
-        else:
-            k = qshape[0] * fmt.WORD_BITS // spec.bits
+        k = fmt.check_layer_shapes(prefix, layer_metas(ckpt, prefix, layers[prefix]), spec)
         fp16 += 2 * k * qshape[1]
         shapes.append((spec, k, qshape[1]))
     d = config.default

@@ -349,8 +349,14 @@ class GPTQAscendLinearMethod(LinearMethodBase):
 
     def _recording_loader(self, name: str, loader: Any):
         def load(param, loaded_weight, *args, **kwargs):
-            loader(param, loaded_weight, *args, **kwargs)
             shard = args[0] if args else kwargs.get("loaded_shard_id")
+            try:
+                loader(param, loaded_weight, *args, **kwargs)
+            except (AssertionError, RuntimeError, ValueError, IndexError) as e:  # vLLM's bare shape asserts
+                where = "" if shard is None else f" (shard {shard!r})"
+                raise FormatError(f"{self.prefix}.{name}{where}: the checkpoint's {loaded_weight.dtype} "
+                                  f"{tuple(loaded_weight.shape)} does not fit the layer's "
+                                  f"{tuple(param.data.shape)} ({e or type(e).__name__})") from None
             self._loaded.add(name)
             if name == "g_idx" and shard is not None:
                 self._g_idx_shards[shard] = loaded_weight.detach().to("cpu", torch.int32).clone()
@@ -396,7 +402,9 @@ class GPTQAscendLinearMethod(LinearMethodBase):
         for name in ("qweight", "qzeros", "scales"):
             if self._loaded and name not in self._loaded:
                 raise FormatError(f"{self.prefix}.{name}: not found in the checkpoint")
-        if bool((g_idx < 0).any()):
+        # Only a g_idx the checkpoint does not store gets the default order; a stored one with -1 (or
+        # any bad entry) is refused by validate_loaded below, exactly as `convert` refuses it.
+        if "g_idx" not in self._loaded if self._loaded else bool((g_idx < 0).all()):
             # Absent from the checkpoint: the default order, as global group ids of this rank's rows.
             k0 = lay.tp_rank * lay.k_part if lay.row_parallel else 0
             g_idx = fmt.default_g_idx(lay.input_size, self.spec.group_size)[k0:k0 + lay.k_part]
@@ -408,6 +416,10 @@ class GPTQAscendLinearMethod(LinearMethodBase):
                 raise FormatError(
                     f"{self.prefix}.g_idx: rows are not in group order although desc_act is false; under "
                     f"tensor parallelism that needs desc_act: true in the quantization config")
+
+        groups = math.ceil((lay["input_size"] if lay["whole_scales"] else lay["k_part"]) / lay["group"])
+        fmt.validate_loaded(fmt.GPTQTensors(qweight, qzeros, scales, g_idx), self.spec, lay["k_part"], groups,
+                            self._checkpoint_shards())
 
         pieces: list[tuple[int, int, torch.Tensor | None]]  # (column start, column end, g_idx)
         shards = self._g_idx_shards
@@ -437,6 +449,24 @@ class GPTQAscendLinearMethod(LinearMethodBase):
                    key=lambda x: x.numel() * x.element_size())
         compat.expose_weight(layer, main)
         self._g_idx_shards = {}
+
+    def _checkpoint_shards(self) -> list[tuple[str, int, int, torch.Tensor | None]]:
+        """(checkpoint module name, columns, its own g_idx) of each module fused into this layer."""
+        sizes = self._layout["sizes"]
+        if len(sizes) == 1:
+            return [(self.prefix, 0, self._layout["n_part"], None)]
+        parent, _, leaf = self.prefix.rpartition(".")
+        subs = (getattr(self.quant_config, "packed_modules_mapping", None) or {}).get(leaf, [])
+        if len(subs) == len(sizes):
+            names = [f"{parent}.{sub}" if parent else sub for sub in subs]
+        else:
+            names = [f"{self.prefix} (output shard {i})" for i in range(len(sizes))]
+        try:
+            by_range = {r: self._g_idx_shards[sid] for sid, r in _shard_offsets(sizes, self._g_idx_shards).items()}
+        except (KeyError, TypeError, ValueError, IndexError):  # shard ids this layout does not name
+            by_range = {}
+        bounds = list(_shard_offsets(sizes, range(len(sizes))).values())
+        return [(name, c0, c1, by_range.get((c0, c1))) for name, (c0, c1) in zip(names, bounds, strict=True)]
 
     def _add_part(self, layer: torch.nn.Module, t: fmt.GPTQTensors, n: int) -> None:
         t, spec, k, gather = regroup(t, self.spec, self._layout.k_part)
