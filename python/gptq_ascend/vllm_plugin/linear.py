@@ -417,8 +417,8 @@ class GPTQAscendLinearMethod(LinearMethodBase):
                     f"{self.prefix}.g_idx: rows are not in group order although desc_act is false; under "
                     f"tensor parallelism that needs desc_act: true in the quantization config")
 
-        groups = math.ceil((lay["input_size"] if lay["whole_scales"] else lay["k_part"]) / lay["group"])
-        fmt.validate_loaded(fmt.GPTQTensors(qweight, qzeros, scales, g_idx), self.spec, lay["k_part"], groups,
+        groups = math.ceil((lay.input_size if lay.whole_scales else lay.k_part) / lay.group)
+        fmt.validate_loaded(fmt.GPTQTensors(qweight, qzeros, scales, g_idx), self.spec, lay.k_part, groups,
                             self._checkpoint_shards())
 
         pieces: list[tuple[int, int, torch.Tensor | None]]  # (column start, column end, g_idx)
@@ -452,9 +452,9 @@ class GPTQAscendLinearMethod(LinearMethodBase):
 
     def _checkpoint_shards(self) -> list[tuple[str, int, int, torch.Tensor | None]]:
         """(checkpoint module name, columns, its own g_idx) of each module fused into this layer."""
-        sizes = self._layout["sizes"]
+        sizes = self._layout.sizes
         if len(sizes) == 1:
-            return [(self.prefix, 0, self._layout["n_part"], None)]
+            return [(self.prefix, 0, self._layout.n_part, None)]
         parent, _, leaf = self.prefix.rpartition(".")
         subs = (getattr(self.quant_config, "packed_modules_mapping", None) or {}).get(leaf, [])
         if len(subs) == len(sizes):
