@@ -1,13 +1,31 @@
-// The portable kernels compiled for AVX2 + FMA + F16C (Haswell and later, Zen 1-3): the same C++ as
-// kernel_generic.cpp, auto-vectorized 8 floats wide. Only this translation unit gets the target flags,
-// through the pragma below, so the rest of the extension stays at the baseline ISA. Nothing in here
-// includes a torch header (see the ODR note in kernel.h).
+// AVX2 + FMA + F16C kernels (Haswell and later, Zen 1-3) for the layout of kernel.h (read its header
+// comment first), written with intrinsics on the shared small-M driver (driver.inc). Only this
+// translation unit gets the target flags, through the pragma below, so the rest of the extension stays
+// at the baseline ISA. Nothing in here includes a torch header (see the ODR note in kernel.h). The
+// dequantization (large-M path) is still the portable loop compiled for AVX2.
+//
+// WHY IT IS SHAPED THIS WAY
+// * 16 ymm registers. A 64-column block row is 8 ymm of fp32, and the 8-bit layout's natural decode
+//   (vpmovzxbd of 8 bytes = 4 columns x (k, k+1)) keeps even- and odd-k partial sums in alternate lanes,
+//   so one activation row needs 16 accumulators for a whole block. The driver therefore walks a k-chunk
+//   (kChunkPairs k-pairs, in L1) in column strips sized so that MR rows x strip fit in registers, with
+//   the accumulators in a small per-block buffer between chunks; the first strip streams the codes from
+//   memory, the others re-read them from L1. Every weight is still decoded once per row tile, and for
+//   M <= kMaxMR there is one row tile: one decode per weight.
+// * Decode cost per 8 weights: 8-bit vpmovzxbd (load + 1 shuffle) + vcvtdq2ps; <=4-bit per 16 weights
+//   vpmovzxbd + 2 vpand + 2 vcvtdq2ps. The high nibble is converted in place (16 * q, no shift) and the
+//   odd-k activations are pre-divided by 16 once per call (exact: a power of two), saving one shift
+//   per 8 weights. Then one FMA per 8 weights per row. Pair partials are added once per group
+//   (vhaddps + vpermpd), the scale and zero point are applied once per group from X[m, g] (kernel.h).
+// * Exact: codes become exact small integers in fp32, accumulation is fp32, one rounding at the store.
 #include <cstdlib>
 #include <cstring>
 
 #include "kernel.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -15,13 +33,343 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace gptq_cpu {
 namespace {
+// The portable loops supply the dequantization and the scalar helpers; their small-M loop is unused here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
 #include "kernel_portable.inc"
+#pragma GCC diagnostic pop
+#include "driver.inc"
+
+// ------------------------------------------------------------------------------------------------
+// Tunables, with where their numbers come from.
+// ------------------------------------------------------------------------------------------------
+// k-pairs per chunk: 64 k-pairs of int8 codes are 8 KiB (int4: 4 KiB), plus at most 6 rows x 128 fp32
+// activations (3 KiB): well inside the smallest L1d of the AVX2 tier (32 KiB on Haswell..Zen 3), so the
+// strips after the first read the chunk from L1. A group of 128 rows is one chunk.
+constexpr int64_t kChunk = 64;
+// Prefetch distance of the streaming strip: 4 KiB ahead, the AVX-512 kernels' measured value (kernel
+// avx512.cpp); re-measured here (docs/notes/issue-11-avx2.md).
+constexpr int64_t kAhead = 4096;
+
+ALWAYS_INLINE __m256 u8x8_to_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+ALWAYS_INLINE __m256 bcast_pair(const float* p) {  // (p[0], p[1]) in every lane pair
+  double d;
+  std::memcpy(&d, p, 8);
+  return _mm256_castpd_ps(_mm256_set1_pd(d));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-group terms (natural column order, 8 columns per vector).
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE __m256 scale8(const GemmArgs& a, int64_t off) {
+  if (a.scales_f16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + off)));
+  return _mm256_loadu_ps(static_cast<const float*>(a.scales) + off);
+}
+
+ALWAYS_INLINE __m256 zero8(const GemmArgs& a, int64_t off) {
+  if (!a.zeros) return _mm256_set1_ps(a.sym_zero);
+  return u8x8_to_ps(a.zeros + off);
+}
+
+// total[m][8u..8u+8) += s * (y - z * X[m, g]) for the natural vector y of row m, column vector u.
+template <class Nat>
+ALWAYS_INLINE void fold_group(const GemmArgs& a, int64_t b, int64_t g, float* total, Nat&& natural) {
+  const int64_t off = (b * a.G + g) * kBlockN;
+  for (int u = 0; u < kBlockN / 8; ++u) {
+    const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u);
+    for (int64_t m = 0; m < a.M; ++m) {
+      float* t = total + m * kBlockN + 8 * u;
+      const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[m * a.G + g]), natural(m, u));
+      _mm256_storeu_ps(t, _mm256_fmadd_ps(s, d, _mm256_loadu_ps(t)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Output: fp32 -> out dtype, round to nearest even (NaN stays NaN), only the columns < N.
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE __m128i ps_to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i rb = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                      _mm256_set1_epi32(0x7fff));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, rb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m256i pk = _mm256_packus_epi32(r, r);  // [r0..3 r0..3 | r4..7 r4..7] as words
+  return _mm_unpacklo_epi64(_mm256_castsi256_si128(pk), _mm256_extracti128_si256(pk, 1));
+}
+
+void store_block(const GemmArgs& a, int64_t b, const float* total) {
+  const int64_t n0 = b * kBlockN;
+  for (int64_t m = 0; m < a.M; ++m) {
+    for (int u = 0; u < kBlockN / 8; ++u) {
+      const int64_t n = n0 + 8 * u;
+      if (n >= a.N) break;
+      const int64_t left = a.N - n;
+      __m256 y = _mm256_loadu_ps(total + m * kBlockN + 8 * u);
+      const int64_t idx = m * a.ldo + n;
+      if (left >= 8) {
+        if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n));
+        switch (a.out_type) {
+          case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, y); break;
+          case OutType::BF16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(y));
+            break;
+          case OutType::F16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
+                             _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            break;
+        }
+      } else {  // the last, partial vector of the last block: through a buffer, never past column N
+        alignas(32) float t[8];
+        _mm256_store_ps(t, y);
+        for (int64_t i = 0; i < left; ++i) {
+          const float v = a.bias ? t[i] + a.bias[n + i] : t[i];
+          store_out(a.out, a.out_type, idx + i, v);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8-bit codes, fp32 activations. Slot s = bytes 8s..8s+7 of a k-pair row = columns 4s..4s+3 x (k, k+1);
+// accumulator lanes alternate even/odd k (kAccW = 128 partial sums per row).
+// ------------------------------------------------------------------------------------------------
+struct I8F32 {
+  using XType = float;
+  using AccType = float;
+  static constexpr int kKPerX = 1;
+  static constexpr int kPairBytes = 2 * kBlockN;
+  static constexpr int kSlots = 16;
+  static constexpr int kSlotBytes = 8;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = 2 * kBlockN;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  // MR x NS accumulators + MR pair broadcasts + 1 weight vector <= 16 ymm.
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
+    __m256 A[MR][NS];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) {
+        _mm_prefetch(pf + p * kPairBytes, _MM_HINT_T0);
+        _mm_prefetch(pf + p * kPairBytes + 64, _MM_HINT_T0);
+      }
+      __m256 xb[MR];
+      for (int r = 0; r < MR; ++r) xb[r] = bcast_pair(x + r * ldx + 2 * p);
+      for (int s = 0; s < NS; ++s) {
+        const __m256 w = u8x8_to_ps(cp + 8 * s);
+        for (int r = 0; r < MR; ++r) A[r][s] = _mm256_fmadd_ps(w, xb[r], A[r][s]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + r * kAccW + 8 * s, A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    // natural columns 8u..8u+7 = slots 2u (columns 8u..8u+3) and 2u+1: hadd -> [c0 c1 c4 c5 | c2 c3 c6 c7].
+    fold_group(a, b, g, total, [&](int64_t m, int u) {
+      const float* p = acc + m * kAccW + 16 * u;
+      const __m256 h = _mm256_hadd_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8));
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(h), 0xd8));
+    });
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// <=4-bit codes, fp32 activations. Slot t = bytes 8t..8t+7 of a k-pair row: 8 columns (kernel.h's
+// permutation: byte j is column nib_col(j), so lane j of the native accumulator row is the column whose
+// byte is j), each byte q(k) | q(k+1) << 4. x is the call's copy with odd k divided by 16, so the high
+// nibble needs no shift: (b & 0xf0) = 16 q(k+1).
+// ------------------------------------------------------------------------------------------------
+struct I4F32 {
+  using XType = float;
+  using AccType = float;
+  static constexpr int kKPerX = 1;
+  static constexpr int kPairBytes = kBlockN;
+  static constexpr int kSlots = 8;
+  static constexpr int kSlotBytes = 8;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 8 : MR == 2 ? 4 : 2; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
+    __m256 A[MR][NS];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
+    const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + p * kPairBytes, _MM_HINT_T0);
+      for (int s = 0; s < NS; ++s) {
+        const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * s)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_hi));
+        for (int r = 0; r < MR; ++r) {
+          A[r][s] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + r * ldx + 2 * p), A[r][s]);
+          A[r][s] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + r * ldx + 2 * p + 1), A[r][s]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + r * kAccW + 8 * s, A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    // natural columns 8u..8u+3 and 8u+4..8u+7 are 4 consecutive lanes each in native order, at lane
+    // nib_byte(column) (kernel.h: the low two bits of the byte index are the low two of the column).
+    fold_group(a, b, g, total, [&](int64_t m, int u) {
+      const float* p = acc + m * kAccW;
+      return _mm256_set_m128(_mm_loadu_ps(p + nib_byte(8 * u + 4)), _mm_loadu_ps(p + nib_byte(8 * u)));
+    });
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Opt-in W8A8 (8-bit weights x int8 activations; the same x quantization as the AVX-512 VNNI kernel,
+// GemmArgs::xq4 / xscale, and the same exact int32 sums, so the two give identical results).
+// vpmaddwd multiplies 16-bit pairs into int32 with no saturation: the codes zero-extended to words
+// (vpmovzxbw of 16 bytes = 8 columns x (k, k+1), natural column order) times the (x[k], x[k+1]) int16
+// pair broadcast: 16 MACs per instruction against 8 for an fp32 FMA. (vpmaddubsw, llama.cpp's Q8_0
+// dot, would saturate: its int16 pair sums reach 2 * 255 * 127 with unsigned 8-bit codes, and the sign
+// trick llama.cpp uses needs weights in [-127, 127].) x arrives as int8 quads [Kp/4][M]; the entry
+// point widens it once per call to int16 pairs [M][Kp/2].
+// ------------------------------------------------------------------------------------------------
+struct I8W8A8 {
+  using XType = uint32_t;
+  using AccType = int32_t;
+  static constexpr int kKPerX = 2;
+  static constexpr int kPairBytes = 2 * kBlockN;
+  static constexpr int kSlots = 8;
+  static constexpr int kSlotBytes = 16;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const uint32_t* x, int64_t ldx, int32_t* acc,
+                                 const char* pf) {
+    __m256i A[MR][NS];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kAccW + 8 * s));
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) {
+        _mm_prefetch(pf + p * kPairBytes, _MM_HINT_T0);
+        _mm_prefetch(pf + p * kPairBytes + 64, _MM_HINT_T0);
+      }
+      for (int s = 0; s < NS; ++s) {
+        const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * s)));
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xb = _mm256_set1_epi32(static_cast<int>(x[r * ldx + p]));
+          A[r][s] = _mm256_add_epi32(A[r][s], _mm256_madd_epi16(w, xb));
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kAccW + 8 * s), A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const int32_t* acc, float* total) {
+    // y += s * xscale * (sum q xq - z sum xq), the sums exact integers (as vnni_tile in kernel_avx512.cpp).
+    const int64_t off = (b * a.G + g) * kBlockN;
+    for (int u = 0; u < kBlockN / 8; ++u) {
+      const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u);
+      for (int64_t m = 0; m < a.M; ++m) {
+        float* t = total + m * kBlockN + 8 * u;
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * kAccW + 8 * u)));
+        const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[m * a.G + g]), q);
+        const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(a.xscale[m * a.G + g]));
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(sx, d, _mm256_loadu_ps(t)));
+      }
+    }
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// Per-call buffers, 64-byte aligned (aligned_alloc wants the size rounded up to the alignment).
+struct Aligned {
+  void* p;
+  explicit Aligned(size_t bytes) : p(std::aligned_alloc(64, ((bytes ? bytes : 1) + 63) / 64 * 64)) {}
+  ~Aligned() { std::free(p); }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+};
+
+template <class P>
+bool run(const GemmArgs& a, int64_t b0, int64_t b1, const void* x, int64_t ldx) {
+  Aligned total(static_cast<size_t>(a.M * kBlockN) * sizeof(float));
+  Aligned acc(static_cast<size_t>(a.M * P::kAccW) * sizeof(typename P::AccType));
+  if (!total.p || !acc.p) return false;
+  DriverCtx c;
+  c.x = x;
+  c.ldx = ldx;
+  c.acc = acc.p;
+  c.total = static_cast<float*>(total.p);
+  c.stream_ahead = kAhead;
+  small_m_driver<P>(a, b0, b1, c);
+  return true;
+}
+
 }  // namespace
 
 namespace avx2 {
-bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) { return portable_small_m(a, b0, b1); }
+bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) {
+  if (!a.xf) return false;
+  if (a.bits == 8) return run<I8F32>(a, b0, b1, a.xf, a.Kp);
+  // x with odd k divided by 16 (see I4F32), once per call.
+  const int64_t n = a.M * a.Kp;
+  Aligned xs(static_cast<size_t>(n) * sizeof(float));
+  if (!xs.p) return false;
+  float* v = static_cast<float*>(xs.p);
+  const __m256 sc = _mm256_setr_ps(1.f, 0.0625f, 1.f, 0.0625f, 1.f, 0.0625f, 1.f, 0.0625f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_store_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(a.xf + i), sc));
+  for (; i < n; ++i) v[i] = (i & 1) ? a.xf[i] * 0.0625f : a.xf[i];  // Kp is even: parity of i is that of k
+  return run<I4F32>(a, b0, b1, v, a.Kp);
+}
+
+bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
+  if (a.bits != 8 || !a.xq4 || !a.xscale) return false;
+  // int8 quads [Kp/4][M] -> int16 pairs [M][Kp/2].
+  const int64_t M = a.M, P2 = a.Kp / 2;
+  Aligned xw(static_cast<size_t>(M * P2) * sizeof(uint32_t));
+  if (!xw.p) return false;
+  uint32_t* w = static_cast<uint32_t*>(xw.p);
+  const int8_t* q = reinterpret_cast<const int8_t*>(a.xq4);
+  for (int64_t k4 = 0; k4 < a.Kp / 4; ++k4)
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* e = q + (k4 * M + m) * 4;
+      w[m * P2 + 2 * k4] = static_cast<uint16_t>(e[0]) | static_cast<uint32_t>(static_cast<uint16_t>(e[1])) << 16;
+      w[m * P2 + 2 * k4 + 1] = static_cast<uint16_t>(e[2]) | static_cast<uint32_t>(static_cast<uint16_t>(e[3])) << 16;
+    }
+  return run<I8W8A8>(a, b0, b1, w, P2);
+}
+
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) { return portable_dequant(a, b0, b1); }
 }  // namespace avx2
 }  // namespace gptq_cpu
@@ -41,6 +389,7 @@ bool avx2_compiled() { return true; }
 namespace gptq_cpu {
 namespace avx2 {
 bool small_m(const GemmArgs&, int64_t, int64_t) { return false; }
+bool small_m_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 }  // namespace avx2
 bool avx2_compiled() { return false; }
