@@ -211,14 +211,20 @@ struct I4F32 {
   static constexpr int kAccW = kBlockN;
   static constexpr int64_t kChunkPairs = kChunk;
   static constexpr int kMaxMR = 6;
+  // One row: 4 slots with separate even-k / odd-k accumulators (8 FMA chains of one FMA per k-pair;
+  // with 8 slots and one accumulator each, two dependent FMAs per k-pair made the loop latency-bound).
   template <int MR>
-  static constexpr int strip() { return MR == 1 ? 8 : MR == 2 ? 4 : 2; }
+  static constexpr int strip() { return MR <= 2 ? 4 : 2; }
 
   template <int MR, int NS>
   static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
-    __m256 A[MR][NS];
+    constexpr bool kSplit = MR == 1;
+    __m256 A[MR][NS], B[kSplit ? NS : 1];
     for (int r = 0; r < MR; ++r)
       for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
+    if constexpr (kSplit) {
+      for (int s = 0; s < NS; ++s) B[s] = _mm256_setzero_ps();
+    }
     const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
@@ -227,11 +233,19 @@ struct I4F32 {
         const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * s)));
         const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo));
         const __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_hi));
-        for (int r = 0; r < MR; ++r) {
-          A[r][s] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + r * ldx + 2 * p), A[r][s]);
-          A[r][s] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + r * ldx + 2 * p + 1), A[r][s]);
+        if constexpr (kSplit) {
+          A[0][s] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + 2 * p), A[0][s]);
+          B[s] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + 2 * p + 1), B[s]);
+        } else {
+          for (int r = 0; r < MR; ++r) {
+            A[r][s] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + r * ldx + 2 * p), A[r][s]);
+            A[r][s] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + r * ldx + 2 * p + 1), A[r][s]);
+          }
         }
       }
+    }
+    if constexpr (kSplit) {
+      for (int s = 0; s < NS; ++s) A[0][s] = _mm256_add_ps(A[0][s], B[s]);
     }
     for (int r = 0; r < MR; ++r)
       for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + r * kAccW + 8 * s, A[r][s]);
