@@ -9,8 +9,8 @@
 //   (vpmovzxbd of 8 bytes = 4 columns x (k, k+1)) keeps even- and odd-k partial sums in alternate lanes,
 //   so one activation row needs 16 accumulators for a whole block. The driver therefore walks a k-chunk
 //   (kChunkPairs k-pairs, in L1) in column strips sized so that MR rows x strip fit in registers, with
-//   the accumulators in a small per-block buffer between chunks; the first strip streams the codes from
-//   memory, the others re-read them from L1. Every weight is still decoded once per row tile, and for
+//   the accumulators in a small per-block buffer between chunks; the strips re-read the chunk from L1,
+//   the first row tile prefetches the next chunk (spread over its strips). Every weight is still decoded once per row tile, and for
 //   M <= kMaxMR there is one row tile: one decode per weight.
 // * Decode cost per 8 weights: 8-bit vpmovzxbd (load + 1 shuffle) + vcvtdq2ps; <=4-bit per 16 weights
 //   vpmovzxbd + 2 vpand + 2 vcvtdq2ps. The high nibble is converted in place (16 * q, no shift) and the
@@ -51,9 +51,6 @@ namespace {
 // activations (3 KiB): well inside the smallest L1d of the AVX2 tier (32 KiB on Haswell..Zen 3), so the
 // strips after the first read the chunk from L1. A group of 128 rows is one chunk.
 constexpr int64_t kChunk = 64;
-// Prefetch distance of the streaming strip: 4 KiB ahead, the AVX-512 kernels' measured value (kernel
-// avx512.cpp); re-measured here (docs/notes/issue-11-avx2.md).
-constexpr int64_t kAhead = 4096;
 
 ALWAYS_INLINE __m256 u8x8_to_ps(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -167,10 +164,7 @@ struct I8F32 {
       for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
-      if (pf) {
-        _mm_prefetch(pf + p * kPairBytes, _MM_HINT_T0);
-        _mm_prefetch(pf + p * kPairBytes + 64, _MM_HINT_T0);
-      }
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
       __m256 xb[MR];
       for (int r = 0; r < MR; ++r) xb[r] = bcast_pair(x + r * ldx + 2 * p);
       for (int s = 0; s < NS; ++s) {
@@ -228,7 +222,7 @@ struct I4F32 {
     const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
-      if (pf) _mm_prefetch(pf + p * kPairBytes, _MM_HINT_T0);
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
       for (int s = 0; s < NS; ++s) {
         const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * s)));
         const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo));
@@ -385,10 +379,7 @@ struct I8W8A8 {
       for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kAccW + 8 * s));
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
-      if (pf) {
-        _mm_prefetch(pf + p * kPairBytes, _MM_HINT_T0);
-        _mm_prefetch(pf + p * kPairBytes + 64, _MM_HINT_T0);
-      }
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
       for (int s = 0; s < NS; ++s) {
         const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * s)));
         for (int r = 0; r < MR; ++r) {
@@ -440,7 +431,10 @@ bool run(const GemmArgs& a, int64_t b0, int64_t b1, const void* x, int64_t ldx) 
   c.ldx = ldx;
   c.acc = acc.p;
   c.total = static_cast<float*>(total.p);
-  c.stream_ahead = kAhead;
+  // One chunk ahead (8 KiB of int8, 4 KiB of nibble codes: the AVX-512 kernels measured 1-4 KiB
+  // within noise of each other), spread over the strips by the driver. The DRAM-resident A/B on this
+  // session's shared host varied by 2-5x between rounds, so this distance is not tuned here.
+  c.stream_ahead = P::kChunkPairs * P::kPairBytes;
   small_m_driver<P>(a, b0, b1, c);
   return true;
 }
