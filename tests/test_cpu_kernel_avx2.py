@@ -77,10 +77,10 @@ M_VALUES = [*range(1, 41), 63, 64, 65]
 @pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
 @pytest.mark.parametrize("gs", (32, -1))
 def test_avx2_matches_float64(bits, sym, act, gs, avx2):
-    # K odd (3-bit needs multiples of 32) and N = 136: two full blocks and a tail of 8 columns; N = 75
-    # below: a tail that is not a whole vector.
+    # K odd (3-bit needs multiples of 32); N = 136: two full blocks and a tail of one whole vector of 8
+    # columns, N = 75: a tail that is not a whole vector.
     k = 160 if bits == 3 else 151
-    for n in (136, 75):
+    for n in ((136,) if act else (75,)):
         t, spec, w = make_layer(k, n, bits, gs, sym, act, "gptq", seed=bits * 10 + n + gs)
         packed = BACKEND.repack(t, spec, k)
         for dt in DTYPES:
