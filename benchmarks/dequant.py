@@ -99,6 +99,12 @@ def measure_bandwidth(mib: int = 1024, repeats: int = 5) -> list[float]:
     return out
 
 
+# The clock every call is timed with: wall time by default; ``--cpu-time`` switches to the process's CPU
+# time (time.process_time), which on a host with more runnable jobs than cores leaves out the time the
+# benchmark spends preempted (with 1 thread it is the call's own run time; with more it sums the threads).
+CLOCK = time.perf_counter
+
+
 def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: float) -> dict[str, tuple[float, int]]:
     """Median seconds per call of each method, timed in interleaved rounds: {name: (median, calls)}.
 
@@ -113,10 +119,10 @@ def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: floa
     def call(name, i):
         fn, copies, mode = methods[name]
         with mode:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn(i % copies)
             sync()
-            return time.perf_counter() - t0
+            return CLOCK() - t0
 
     # Warm-up: every copy once (first touch, primitive caches, ...) when calls are cheap; a couple of
     # calls when they are long (compute-bound points, where the copies are not what is measured).
@@ -506,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-f32-linear", action="store_true", help="skip the dense fp32 F.linear column")
     ap.add_argument("--small-m-max", type=int, default=-1, help="override the kernel's fused/GEMM switch-over")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--cpu-time", action="store_true", help="time calls in process CPU time, not wall time "
+                    "(for a host shared with more runnable jobs than cores; use with --threads 1)")
     ap.add_argument("--json", dest="json_path", help="write every figure to this file")
     ap.add_argument("--plot", dest="plot_path", help="write speedup and %%-of-floor plots (PNG)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (seconds): one small shape, no DRAM claims")
@@ -518,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.rotate_mib is None:
         args.rotate_mib, rotate_why = default_rotate_mib()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     dev, sync = setup_device(args.device)
     shapes = parse_shapes(args.shapes)
     ms = [int(v) for v in args.m.split(",")]
@@ -538,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     bw_before = measure_bandwidth(256 if args.quick else 1024, 3 if args.quick else 5)
     started = datetime.now(timezone.utc)
     title = (f"benchmarks.dequant {started:%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-             f"{args.threads} threads, torch {torch.__version__}, act {args.dtype}, kernel: {kernel}")
+             f"{args.threads} threads, torch {torch.__version__}, act {args.dtype}, "
+             f"{'CPU time' if args.cpu_time else 'wall time'}, kernel: {kernel}")
     print(title)
     print(f"read bandwidth (GB/s, 1 GiB sum): {', '.join(f'{b:.1f}' for b in bw_before)}")
     print(f"weights in rotation per method: {args.rotate_mib} MiB ({rotate_why})")
