@@ -213,3 +213,16 @@ def test_avx2_gptqmodel_fixtures(fixture, avx2):
             xb = x.to(torch.bfloat16)
             err = rel_err(gemm_out(xb, packed), xb.double() @ w_gm)
             assert err <= REL_TOL[torch.bfloat16], f"{fixture.name}:{prefix} bf16 M={m}: {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", (8, 4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+def test_avx2_dequant_exact(bits, sym, avx2):
+    """The AVX2 dequantization (the large-M path's tiles, the dequant op): fp32 bit-exact ((q - z) * s
+    has <= 20 significant bits), bf16 / fp16 exactly one rounding of it; act-order, short last group."""
+    k = 160 if bits == 3 else 151
+    t, spec, w = make_layer(k, 136, bits, 64, sym, True, "gptq", seed=bits + 40)
+    packed = BACKEND.repack(t, spec, k)
+    assert torch.equal(BACKEND.dequant(packed, torch.float32), w.float())
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(BACKEND.dequant(packed, dt), w.float().to(dt)), dt

@@ -2,7 +2,7 @@
 // comment first), written with intrinsics on the shared small-M driver (driver.inc). Only this
 // translation unit gets the target flags, through the pragma below, so the rest of the extension stays
 // at the baseline ISA. Nothing in here includes a torch header (see the ODR note in kernel.h). The
-// dequantization (large-M path) is still the portable loop compiled for AVX2.
+// dequantization for the large-M path is here too (dequant_impl).
 //
 // WHY IT IS SHAPED THIS WAY
 // * 16 ymm registers. A 64-column block row is 8 ymm of fp32, and the 8-bit layout's natural decode
@@ -37,7 +37,7 @@
 
 namespace gptq_cpu {
 namespace {
-// The portable loops supply the dequantization and the scalar helpers; their small-M loop is unused here.
+// The portable loops supply the scalar helpers (store_out, nib_byte); their kernels are unused here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "kernel_portable.inc"
@@ -409,6 +409,77 @@ struct I8W8A8 {
   static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
 };
 
+// ------------------------------------------------------------------------------------------------
+// Dequantization into [Kp][ldo] (the large-M path's tiles and the dequant op): w = (q - z) * s, the
+// integer difference exact in fp32 and one rounding in the multiply, as format.dequantize; then one
+// rounding to bf16 / fp16 where asked. Blocks are written whole (64 columns; the callers' buffers are
+// padded to blocks).
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE void store8(const DequantArgs& a, int64_t idx, __m256 v) {
+  switch (a.out_type) {
+    case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, v); break;
+    case OutType::BF16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(v));
+      break;
+    case OutType::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+  }
+}
+
+void dequant_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
+  const bool nib = a.bits != 8;
+  const int64_t pb = nib ? kBlockN : 2 * kBlockN;
+  const __m256i m_lo = _mm256_set1_epi32(0x0f);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* cbk = a.codes + b * (a.Kp / 2) * pb;
+    const int64_t col = (b - a.b_origin) * kBlockN;
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
+      if (k1 <= k0) continue;
+      const int64_t off = (b * a.G + g) * kBlockN;
+      __m256 s[8], z[8];
+      for (int u = 0; u < 8; ++u) {
+        s[u] = a.scales_f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                  static_cast<const uint16_t*>(a.scales) + off + 8 * u)))
+                            : _mm256_loadu_ps(static_cast<const float*>(a.scales) + off + 8 * u);
+        z[u] = a.zeros ? u8x8_to_ps(a.zeros + off + 8 * u) : _mm256_set1_ps(a.sym_zero);
+      }
+      for (int64_t k = k0; k < k1; k += 2) {
+        const uint8_t* c = cbk + (k / 2) * pb;
+        const int64_t r0 = k * a.ldo + col, r1 = r0 + a.ldo;
+        if (nib) {
+          alignas(32) float lo[kBlockN], hi[kBlockN];  // native lane order: lane j = column nib_col(j)
+          for (int t = 0; t < 8; ++t) {
+            const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * t)));
+            _mm256_store_ps(lo + 8 * t, _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo)));
+            _mm256_store_ps(hi + 8 * t, _mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)));
+          }
+          for (int u = 0; u < 8; ++u) {
+            const int i0 = nib_byte(8 * u), i1 = nib_byte(8 * u + 4);
+            const __m256 e = _mm256_set_m128(_mm_load_ps(lo + i1), _mm_load_ps(lo + i0));
+            const __m256 o = _mm256_set_m128(_mm_load_ps(hi + i1), _mm_load_ps(hi + i0));
+            store8(a, r0 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(e, z[u]), s[u]));
+            store8(a, r1 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(o, z[u]), s[u]));
+          }
+        } else {
+          for (int u = 0; u < 8; ++u) {
+            // slots 2u, 2u+1: columns 8u..8u+3 and 8u+4..8u+7 as (k, k+1) lane pairs
+            const __m256 p0 = u8x8_to_ps(c + 16 * u), p1 = u8x8_to_ps(c + 16 * u + 8);
+            const __m256 e = _mm256_shuffle_ps(p0, p1, 0x88);  // [c0 c1 c4 c5 | c2 c3 c6 c7], row k
+            const __m256 o = _mm256_shuffle_ps(p0, p1, 0xdd);  // the same for row k+1
+            const __m256 en = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8));
+            const __m256 on = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8));
+            store8(a, r0 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(en, z[u]), s[u]));
+            store8(a, r1 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(on, z[u]), s[u]));
+          }
+        }
+      }
+    }
+  }
+}
+
 // Per-call buffers, 64-byte aligned (aligned_alloc wants the size rounded up to the alignment).
 struct Aligned {
   void* p;
@@ -475,7 +546,10 @@ bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
   return run<I8W8A8>(a, b0, b1, w, P2);
 }
 
-bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) { return portable_dequant(a, b0, b1); }
+bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
+  dequant_impl(a, b0, b1);
+  return true;
+}
 }  // namespace avx2
 }  // namespace gptq_cpu
 
