@@ -8,6 +8,8 @@ Per layer shape, bit width and M, in one run:
 
 * ``ours``     the backend's fused op (``gptq_ascend`` CPU kernel: ``torch.ops.gptq_ascend.cpu_gemm``);
 * ``linear``   dense BF16 ``F.linear`` on the dequantized weight (what the offline-converted model runs);
+* ``lin32``    dense fp32 ``F.linear`` on the same weight in fp32 (on CPUs without native BF16 -- AVX2 --
+               fp32 is often the faster dense path; ``--no-f32-linear`` skips it);
 * ``onednn``   vLLM's unquantized CPU GEMM on the same BF16 weight (``ops.create_onednn_mm`` /
                ``ops.onednn_mm``: what vLLM really runs for a BF16 linear on CPU);
 * ``wna16``    (4-bit) vLLM's own GPTQ CPU kernel ``cpu_gemm_wna16`` on the same weights, repacked the
@@ -19,9 +21,10 @@ Per layer shape, bit width and M, in one run:
                scales + qzeros; ``torch.sum`` over fp32 buffers in rotation), measured per point in the
                same rounds as the methods.
 
-The L3 cache of the machines this runs on is large (up to 260 MiB), so every method cycles through
-distinct copies of its weights totalling more than ``--rotate-mib`` (default 320 MiB): each timed call
-reads weights no call has touched for > 260 MiB of traffic, i.e. from DRAM, as in a real model. Per
+Every method cycles through distinct copies of its weights totalling more than ``--rotate-mib``
+(default: 3x this machine's L3 as sysfs reports it, at least 64 MiB; 320 MiB when sysfs has no L3): each
+timed call reads weights no call has touched for more than an L3 of traffic, i.e. from DRAM, as in a
+real model. Per
 point: one warm-up pass over all copies, then rounds that call every method once in turn (at least one
 call per copy, at least ``--repeats``, ``--budget`` seconds per method), median reported; interleaving
 makes load changes on a shared host hit every method alike. Threads: ``torch.set_num_threads(cpu
@@ -117,6 +120,12 @@ def measure_bandwidth(mib: int = 1024, repeats: int = 5) -> list[float]:
     return out
 
 
+# The clock every call is timed with: wall time by default; ``--cpu-time`` switches to the process's CPU
+# time (time.process_time), which on a host with more runnable jobs than cores leaves out the time the
+# benchmark spends preempted (with 1 thread it is the call's own run time; with more it sums the threads).
+CLOCK = time.perf_counter
+
+
 def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: float) -> dict[str, tuple[float, int]]:
     """Median seconds per call of each method, timed in interleaved rounds: {name: (median, calls)}.
 
@@ -131,10 +140,10 @@ def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: floa
     def call(name, i):
         fn, copies, mode = methods[name]
         with mode:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn(i % copies)
             sync()
-            return time.perf_counter() - t0
+            return CLOCK() - t0
 
     # Warm-up: every copy once (first touch, primitive caches, ...) when calls are cheap; a couple of
     # calls when they are long (compute-bound points, where the copies are not what is measured).
@@ -153,6 +162,45 @@ def time_interleaved(methods: dict[str, tuple], sync, repeats: int, budget: floa
         if r >= need or (r >= 3 and time.perf_counter() - start > budget * len(methods)):
             break
     return {name: (statistics.median(t), len(t)) for name, t in times.items()}
+
+
+def l3_bytes() -> int | None:
+    """The largest L3 of this machine (bytes) from sysfs, or None where sysfs has none (not Linux, VMs
+    that hide it)."""
+    best = None
+    base = "/sys/devices/system/cpu"
+    try:
+        cpus = [d for d in os.listdir(base) if d.startswith("cpu") and d[3:].isdigit()]
+    except OSError:
+        return None
+    for cpu in cpus:
+        cache = os.path.join(base, cpu, "cache")
+        try:
+            entries = os.listdir(cache)
+        except OSError:
+            continue
+        for idx in entries:
+            try:
+                with open(os.path.join(cache, idx, "level")) as f:
+                    if f.read().strip() != "3":
+                        continue
+                with open(os.path.join(cache, idx, "size")) as f:
+                    size = f.read().strip().upper()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            digits = size.rstrip("KMG")
+            if digits.isdigit():
+                best = max(best or 0, int(digits) * mult)
+        break  # cpu0's caches; every core sees the same L3 on the machines this runs on
+    return best
+
+
+def default_rotate_mib() -> tuple[int, str]:
+    l3 = l3_bytes()
+    if l3 is None:
+        return 320, "no L3 size in sysfs: assumed 320 MiB"
+    return max(64, 3 * l3 // MIB), f"3x the L3 of {l3 // MIB} MiB (sysfs)"
 
 
 def copies_for(bytes_per_copy: int, rotate_bytes: int) -> int:
@@ -258,6 +306,9 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
         "ours": (len(ours), lambda x: lambda i: backend.gemm(x, ours[i])),
         "linear": (len(dense), lambda x: lambda i: F.linear(x.to(torch.bfloat16), dense[i])),
     }
+    if not args.no_f32_linear:
+        dense32 = [d["w"] for d in rotate({"w": w_kn.t().float().contiguous()}, k * n * 4)]
+        methods["lin32"] = (len(dense32), lambda x: lambda i: F.linear(x.float(), dense32[i]))
     w8a8 = dev.type == "cpu" and bits == 8 and backend.name == "cpu" and not args.no_w8a8
     if w8a8:  # the opt-in int8-activation mode: same op, timed with the mode switched on
         methods["w8a8"] = methods["ours"]
@@ -330,21 +381,22 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
 # Output
 # ------------------------------------------------------------------------------------------------
 
-COLUMNS = ("ours", "w8a8", "linear", "onednn", "wna16", "ref")
+COLUMNS = ("ours", "w8a8", "linear", "lin32", "onednn", "wna16", "ref")
 # --device npu adds one column per NPU path (gptq_ascend.backends.ascend.bench) and dense FP16.
 NPU_COLUMNS = ("fused", "ascendc", "triton", "dense_fp16")
 EXTRA_COLUMNS: tuple[str, ...] = ()
 
 
 def dense_best(p: Point) -> float | None:
-    vals = [p.ms[c] for c in ("linear", "onednn") if c in p.ms]
+    vals = [p.ms[c] for c in ("linear", "lin32", "onednn") if c in p.ms]
     return min(vals) if vals else None
 
 
 def format_header() -> str:
     head = f"{'shape':<8}{'K':>6}{'N':>7}{'bits':>5}{'M':>6} |"
     head += "".join(f"{c + ' ms':>11}" for c in COLUMNS + EXTRA_COLUMNS)
-    head += f"{'floor ms':>10} |{'x linear':>9}{'x onednn':>9}{'x wna16':>9}{'floor/ours':>11}{'w8a8 x':>8}"
+    head += f"{'floor ms':>10} |{'x linear':>9}{'x lin32':>9}{'x onednn':>9}{'x wna16':>9}"
+    head += f"{'floor/ours':>11}{'w8a8 x':>8}"
     return head
 
 
@@ -357,6 +409,7 @@ def format_row(p: Point) -> str:
     row += cell(p.floor_ms, 10)
     ours = p.ms["ours"]
     row += " |" + cell(p.ms["linear"] / ours if "linear" in p.ms else None, 9, "{:.2f}")
+    row += cell(p.ms["lin32"] / ours if "lin32" in p.ms else None, 9, "{:.2f}")
     row += cell(p.ms["onednn"] / ours if "onednn" in p.ms else None, 9, "{:.2f}")
     row += cell(p.ms["wna16"] / ours if "wna16" in p.ms else None, 9, "{:.2f}")
     row += cell(100 * p.floor_ms / ours, 10, "{:.0f}") + "%"
@@ -374,8 +427,8 @@ def targets(points: list[Point]) -> list[str]:
         out.append(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
 
     def both(p: Point, t: float) -> str:  # speed-up of time t over each dense path
-        return ", ".join(f"{p.ms[c] / t:.2f}x {label}" for c, label in (("onednn", "oneDNN"), ("linear", "F.linear"))
-                         if c in p.ms)
+        return ", ".join(f"{p.ms[c] / t:.2f}x {label}" for c, label in
+                         (("onednn", "oneDNN"), ("linear", "F.linear"), ("lin32", "F.linear fp32")) if c in p.ms)
 
     for p in points:
         d = dense_best(p)
@@ -393,6 +446,11 @@ def targets(points: list[Point]) -> list[str]:
             check(f"int{p.bits} M={p.m} {p.shape} <= 1.1x dense", ours <= 1.1 * d,
                   ", ".join(f"{ours / p.ms[c]:.2f}x {label} time" for c, label in
                             (("onednn", "oneDNN"), ("linear", "F.linear")) if c in p.ms))
+        if p.bits == 4 and p.m == 1:
+            ours8 = next((q.ms["ours"] for q in points if q.bits == 8 and q.m == 1 and q.shape == p.shape), None)
+            check(f"int4 M=1 {p.shape} <= 1.6x floor", ours <= 1.6 * p.floor_ms, f"{ours / p.floor_ms:.2f}x floor")
+            if ours8 is not None:
+                check(f"int4 M=1 {p.shape} faster than int8 M=1", ours < ours8, f"{ours8 / ours:.2f}x int8's speed")
         if p.bits == 4 and p.m == 1 and "wna16" in p.ms:
             check(f"int4 M=1 {p.shape} >= 1.3x wna16", p.ms["wna16"] / ours >= 1.3, f"{p.ms['wna16'] / ours:.2f}x")
     return out
@@ -471,22 +529,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default=None, help="force a gptq_ascend backend (default: the device's best)")
     ap.add_argument("--repeats", type=int, default=20, help="minimum timed calls per point")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per point before stopping early")
-    ap.add_argument("--rotate-mib", type=int, default=320, help="weight bytes each method cycles through")
+    ap.add_argument("--rotate-mib", type=int, default=None, help="weight MiB each method cycles through "
+                    "(default: 3x the L3 from sysfs)")
     ap.add_argument("--ref-max-m", type=int, default=16, help="largest M the slow reference is timed at")
     ap.add_argument("--no-ref", action="store_true", help="skip the pure-torch reference")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's oneDNN and cpu_gemm_wna16")
     ap.add_argument("--no-w8a8", action="store_true", help="skip the opt-in int8-activation mode column")
+    ap.add_argument("--no-f32-linear", action="store_true", help="skip the dense fp32 F.linear column")
     ap.add_argument("--small-m-max", type=int, default=-1, help="override the kernel's fused/GEMM switch-over")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--cpu-time", action="store_true", help="time calls in process CPU time, not wall time "
+                    "(for a host shared with more runnable jobs than cores; use with --threads 1)")
     ap.add_argument("--json", dest="json_path", help="write every figure to this file")
     ap.add_argument("--plot", dest="plot_path", help="write speedup and %%-of-floor plots (PNG)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (seconds): one small shape, no DRAM claims")
     args = ap.parse_args(argv)
 
+    rotate_why = "--rotate-mib"
     if args.quick:
         args.shapes, args.m, args.repeats, args.budget = "quick", "1,16,64", 3, 0.2
-        args.rotate_mib, args.no_ref = 4, False
+        args.rotate_mib, args.no_ref, rotate_why = 4, False, "--quick"
+    elif args.rotate_mib is None:
+        args.rotate_mib, rotate_why = default_rotate_mib()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     dev, sync = setup_device(args.device)
     if dev.type == "npu":
         global EXTRA_COLUMNS
@@ -510,9 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     bw_before = measure_bandwidth(256 if args.quick else 1024, 3 if args.quick else 5)
     started = datetime.now(timezone.utc)
     title = (f"benchmarks.dequant {started:%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-             f"{args.threads} threads, torch {torch.__version__}, act {args.dtype}, kernel: {kernel}")
+             f"{args.threads} threads, torch {torch.__version__}, act {args.dtype}, "
+             f"{'CPU time' if args.cpu_time else 'wall time'}, kernel: {kernel}")
     print(title)
     print(f"read bandwidth (GB/s, 1 GiB sum): {', '.join(f'{b:.1f}' for b in bw_before)}")
+    print(f"weights in rotation per method: {args.rotate_mib} MiB ({rotate_why})")
     print(format_header())
     points: list[Point] = []
     rotate_bytes = args.rotate_mib * MIB

@@ -70,12 +70,13 @@ struct Tuning {
 // avx512*: 2-core Zen 4, int8 Qwen3-1.7B layers, interleaved against dense (docs/cpu-kernel.md,
 //   "switch-over"): the fused kernel vs brgemm cross at M = 48; vs dequantized tiles into ATen's GEMM at
 //   M = 192; fp32 FMA fused vs ATen's fp32 GEMM still wins at M = 256.
-// avx2 / generic: the fused kernels run the FMAs themselves at 8 (avx2) or 4 (generic, SSE2) lanes
-//   against ATen's fp32 GEMM (MKL / oneDNN at the CPU's best ISA): issue 10's measurements
-//   (docs/cpu-kernel.md, "AVX2 and generic tiers").
+// avx2: the AVX2 intrinsics kernels vs dequantized tiles into ATen's fp32 GEMM (MKL / oneDNN capped at
+//   AVX2), 2048 x 2048 int8, one thread, CPU time, 2026-12-01 (docs/notes/issue-10-tiers.md): fused/large
+//   0.28-0.51 at M = 32, 0.49-0.91 at 64, 0.77-0.88 at 128, 0.83-0.95 at 192, 0.83-1.07 at 256 -> 192.
+// generic: the portable C++ at the baseline ISA vs ATen's fp32 GEMM at the CPU's best ISA: equal at M = 32.
 constexpr Tuning kTuning[] = {
     /* generic    */ {32, 32, 32},
-    /* avx2       */ {64, 64, 64},
+    /* avx2       */ {192, 192, 192},
     /* avx512     */ {256, 256, 256},
     /* avx512bf16 */ {48, 192, 256},
     /* avx512vbmi */ {48, 192, 256},
@@ -183,6 +184,7 @@ void set_isa(Config& c, const std::string& name) {
   c.bf16_dot = t >= Tier::Avx512Bf16;
   c.vbmi = t == Tier::Avx512Vbmi;
   c.vnni = t >= Tier::Avx512 && cpu_has("avx512vnni");
+  c.w8a8_ok = c.vnni || t == Tier::Avx2;  // AVX512-VNNI, or AVX2's vpmaddwd
 }
 
 Config make_config() {
@@ -256,7 +258,7 @@ std::string describe(const Config& c) {
   return std::string("isa=") + isa_name(c) + " bf16_dot=" + (c.bf16_dot ? "1" : "0") +
          " small_m_max_bf16=" + std::to_string(small_m_max(c, at::kBFloat16, bg)) +
          " small_m_max_f32=" + std::to_string(small_m_max(c, at::kFloat, false)) +
-         " w8a8=" + (c.w8a8 ? (c.vnni ? "1" : "1(no-vnni:off)") : "0") +
+         " w8a8=" + (c.w8a8 ? (c.w8a8_ok ? "1" : "1(no-vnni:off)") : "0") +
          " brgemm=" + (!c.brgemm ? "0" : !c.bf16_dot ? "1(no-bf16:off)" : brgemm_works() ? "1" : "1(no-ukernel:off)") +
          " large_m_bf16=" + large_m_bf16_path(c) +
          " threads=" + std::to_string(at::get_num_threads()) +

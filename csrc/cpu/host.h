@@ -37,6 +37,7 @@ struct Config {
   // 8 bits), so it is off unless asked for (GPTQ_ASCEND_CPU_W8A8=1 or cpu_kernel_config).
   bool w8a8 = false;
   bool vnni = false;  // an AVX-512 tier on a CPU with AVX512-VNNI
+  bool w8a8_ok = false;  // the tier has a W8A8 kernel: AVX-512 with VNNI, or AVX2
   // Large M with bf16 activations through oneDNN's brgemm micro-kernel (run_large_m_brgemm); off ->
   // dequantized tiles into ATen's GEMM (run_large_m). GPTQ_ASCEND_CPU_BRGEMM=0 or cpu_kernel_config.
   bool brgemm = true;

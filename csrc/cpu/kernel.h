@@ -120,7 +120,11 @@ namespace avx512_vbmi {
 bool small_m_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1);
 }  // namespace avx512_vbmi
 namespace avx2 {
+// Reads GemmArgs::xf ([M][Kp] fp32) for every M; intrinsics kernels on the shared driver (driver.inc).
 bool small_m(const GemmArgs& a, int64_t b0, int64_t b1);
+// The opt-in W8A8 kernel on AVX2 (the same GemmArgs::xq4 / xscale / xsum inputs and the same exact int32
+// sums as avx512::small_m_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
+bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1);
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
 }  // namespace avx2
 namespace generic {

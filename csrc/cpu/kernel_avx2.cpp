@@ -1,13 +1,31 @@
-// The portable kernels compiled for AVX2 + FMA + F16C (Haswell and later, Zen 1-3): the same C++ as
-// kernel_generic.cpp, auto-vectorized 8 floats wide. Only this translation unit gets the target flags,
-// through the pragma below, so the rest of the extension stays at the baseline ISA. Nothing in here
-// includes a torch header (see the ODR note in kernel.h).
+// AVX2 + FMA + F16C kernels (Haswell and later, Zen 1-3) for the layout of kernel.h (read its header
+// comment first), written with intrinsics on the shared small-M driver (driver.inc). Only this
+// translation unit gets the target flags, through the pragma below, so the rest of the extension stays
+// at the baseline ISA. Nothing in here includes a torch header (see the ODR note in kernel.h). The
+// dequantization for the large-M path is here too (dequant_impl).
+//
+// WHY IT IS SHAPED THIS WAY
+// * 16 ymm registers. A 64-column block row is 8 ymm of fp32, and the 8-bit layout's natural decode
+//   (vpmovzxbd of 8 bytes = 4 columns x (k, k+1)) keeps even- and odd-k partial sums in alternate lanes,
+//   so one activation row needs 16 accumulators for a whole block. The driver therefore walks a k-chunk
+//   (kChunkPairs k-pairs, in L1) in column strips sized so that MR rows x strip fit in registers, with
+//   the accumulators in a small per-block buffer between chunks; the strips re-read the chunk from L1,
+//   the first row tile prefetches the next chunk (spread over its strips). Every weight is still decoded once per row tile, and for
+//   M <= kMaxMR there is one row tile: one decode per weight.
+// * Decode cost per 8 weights: 8-bit vpmovzxbd (load + 1 shuffle) + vcvtdq2ps; <=4-bit per 16 weights
+//   vpmovzxbd + 2 vpand + 2 vcvtdq2ps. The high nibble is converted in place (16 * q, no shift) and the
+//   odd-k activations are pre-divided by 16 once per call (exact: a power of two), saving one shift
+//   per 8 weights. Then one FMA per 8 weights per row. Pair partials are added once per group
+//   (vhaddps + vpermpd), the scale and zero point are applied once per group from X[m, g] (kernel.h).
+// * Exact: codes become exact small integers in fp32, accumulation is fp32, one rounding at the store.
 #include <cstdlib>
 #include <cstring>
 
 #include "kernel.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -15,14 +33,523 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace gptq_cpu {
 namespace {
+// The portable loops supply the scalar helpers (store_out, nib_byte); their kernels are unused here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
 #include "kernel_portable.inc"
+#pragma GCC diagnostic pop
+#include "driver.inc"
+
+// ------------------------------------------------------------------------------------------------
+// Tunables, with where their numbers come from.
+// ------------------------------------------------------------------------------------------------
+// k-pairs per chunk: 64 k-pairs of int8 codes are 8 KiB (int4: 4 KiB), plus at most 6 rows x 128 fp32
+// activations (3 KiB): well inside the smallest L1d of the AVX2 tier (32 KiB on Haswell..Zen 3), so the
+// strips after the first read the chunk from L1. A group of 128 rows is one chunk.
+constexpr int64_t kChunk = 64;
+
+ALWAYS_INLINE __m256 u8x8_to_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+ALWAYS_INLINE __m256 bcast_pair(const float* p) {  // (p[0], p[1]) in every lane pair
+  double d;
+  std::memcpy(&d, p, 8);
+  return _mm256_castpd_ps(_mm256_set1_pd(d));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-group terms (natural column order, 8 columns per vector).
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE __m256 scale8(const GemmArgs& a, int64_t off) {
+  if (a.scales_f16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + off)));
+  return _mm256_loadu_ps(static_cast<const float*>(a.scales) + off);
+}
+
+ALWAYS_INLINE __m256 zero8(const GemmArgs& a, int64_t off) {
+  if (!a.zeros) return _mm256_set1_ps(a.sym_zero);
+  return u8x8_to_ps(a.zeros + off);
+}
+
+// total[m][8u..8u+8) += s * (y - z * X[m, g]) for the natural vector y of row m, column vector u.
+template <class Nat>
+ALWAYS_INLINE void fold_group(const GemmArgs& a, int64_t b, int64_t g, float* total, Nat&& natural) {
+  const int64_t off = (b * a.G + g) * kBlockN;
+  for (int u = 0; u < kBlockN / 8; ++u) {
+    const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u);
+    for (int64_t m = 0; m < a.M; ++m) {
+      float* t = total + m * kBlockN + 8 * u;
+      const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[m * a.G + g]), natural(m, u));
+      _mm256_storeu_ps(t, _mm256_fmadd_ps(s, d, _mm256_loadu_ps(t)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Output: fp32 -> out dtype, round to nearest even (NaN stays NaN), only the columns < N.
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE __m128i ps_to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i rb = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                      _mm256_set1_epi32(0x7fff));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, rb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m256i pk = _mm256_packus_epi32(r, r);  // [r0..3 r0..3 | r4..7 r4..7] as words
+  return _mm_unpacklo_epi64(_mm256_castsi256_si128(pk), _mm256_extracti128_si256(pk, 1));
+}
+
+void store_block(const GemmArgs& a, int64_t b, const float* total) {
+  const int64_t n0 = b * kBlockN;
+  for (int64_t m = 0; m < a.M; ++m) {
+    for (int u = 0; u < kBlockN / 8; ++u) {
+      const int64_t n = n0 + 8 * u;
+      if (n >= a.N) break;
+      const int64_t left = a.N - n;
+      __m256 y = _mm256_loadu_ps(total + m * kBlockN + 8 * u);
+      const int64_t idx = m * a.ldo + n;
+      if (left >= 8) {
+        if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n));
+        switch (a.out_type) {
+          case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, y); break;
+          case OutType::BF16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(y));
+            break;
+          case OutType::F16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
+                             _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            break;
+        }
+      } else {  // the last, partial vector of the last block: through a buffer, never past column N
+        alignas(32) float t[8];
+        _mm256_store_ps(t, y);
+        for (int64_t i = 0; i < left; ++i) {
+          const float v = a.bias ? t[i] + a.bias[n + i] : t[i];
+          store_out(a.out, a.out_type, idx + i, v);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8-bit codes, fp32 activations. Slot s = bytes 8s..8s+7 of a k-pair row = columns 4s..4s+3 x (k, k+1);
+// accumulator lanes alternate even/odd k (kAccW = 128 partial sums per row).
+// ------------------------------------------------------------------------------------------------
+struct I8F32 {
+  static constexpr bool kDecodeOnce = false;
+  using XType = float;
+  using AccType = float;
+  static constexpr int kKPerX = 1;
+  static constexpr int kPairBytes = 2 * kBlockN;
+  static constexpr int kSlots = 16;
+  static constexpr int kSrcSlotBytes = 8;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = 2 * kBlockN;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  // MR x NS accumulators + MR pair broadcasts + 1 weight vector <= 16 ymm.
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
+    __m256 A[MR][NS];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+      __m256 xb[MR];
+      for (int r = 0; r < MR; ++r) xb[r] = bcast_pair(x + r * ldx + 2 * p);
+      for (int s = 0; s < NS; ++s) {
+        const __m256 w = u8x8_to_ps(cp + 8 * s);
+        for (int r = 0; r < MR; ++r) A[r][s] = _mm256_fmadd_ps(w, xb[r], A[r][s]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + r * kAccW + 8 * s, A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    // natural columns 8u..8u+7 = slots 2u (columns 8u..8u+3) and 2u+1: hadd -> [c0 c1 c4 c5 | c2 c3 c6 c7].
+    fold_group(a, b, g, total, [&](int64_t m, int u) {
+      const float* p = acc + m * kAccW + 16 * u;
+      const __m256 h = _mm256_hadd_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8));
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(h), 0xd8));
+    });
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// <=4-bit codes, fp32 activations. Slot t = bytes 8t..8t+7 of a k-pair row: 8 columns (kernel.h's
+// permutation: byte j is column nib_col(j), so lane j of the native accumulator row is the column whose
+// byte is j), each byte q(k) | q(k+1) << 4. x is the call's copy with odd k divided by 16, so the high
+// nibble needs no shift: (b & 0xf0) = 16 q(k+1).
+// ------------------------------------------------------------------------------------------------
+struct I4F32 {
+  static constexpr bool kDecodeOnce = false;
+  using XType = float;
+  using AccType = float;
+  static constexpr int kKPerX = 1;
+  static constexpr int kPairBytes = kBlockN;
+  static constexpr int kSlots = 8;
+  static constexpr int kSrcSlotBytes = 8;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  // One row: 4 slots with separate even-k / odd-k accumulators (8 FMA chains of one FMA per k-pair;
+  // with 8 slots and one accumulator each, two dependent FMAs per k-pair made the loop latency-bound).
+  template <int MR>
+  static constexpr int strip() { return MR <= 2 ? 4 : 2; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
+    constexpr bool kSplit = MR == 1;
+    __m256 A[MR][NS], B[kSplit ? NS : 1];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
+    if constexpr (kSplit) {
+      for (int s = 0; s < NS; ++s) B[s] = _mm256_setzero_ps();
+    }
+    const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+      for (int s = 0; s < NS; ++s) {
+        const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * s)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_hi));
+        if constexpr (kSplit) {
+          A[0][s] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + 2 * p), A[0][s]);
+          B[s] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + 2 * p + 1), B[s]);
+        } else {
+          for (int r = 0; r < MR; ++r) {
+            A[r][s] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + r * ldx + 2 * p), A[r][s]);
+            A[r][s] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + r * ldx + 2 * p + 1), A[r][s]);
+          }
+        }
+      }
+    }
+    if constexpr (kSplit) {
+      for (int s = 0; s < NS; ++s) A[0][s] = _mm256_add_ps(A[0][s], B[s]);
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + r * kAccW + 8 * s, A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    // natural columns 8u..8u+3 and 8u+4..8u+7 are 4 consecutive lanes each in native order, at lane
+    // nib_byte(column) (kernel.h: the low two bits of the byte index are the low two of the column).
+    fold_group(a, b, g, total, [&](int64_t m, int u) {
+      const float* p = acc + m * kAccW;
+      return _mm256_set_m128(_mm_loadu_ps(p + nib_byte(8 * u + 4)), _mm_loadu_ps(p + nib_byte(8 * u)));
+    });
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+
+// ------------------------------------------------------------------------------------------------
+// M >= kTiledMinM: decode once, multiply many times. With the direct tiles above every row tile
+// re-decodes the chunk (M = 16: three decodes per weight, and the conversions take p0/p1 slots the FMAs
+// need); here the chunk is decoded once into an L1 scratch of exact fp32 integers (kChunkT k-pairs x
+// 128 floats = 16 KiB), in the direct kernels' slot order, and tiles of up to 6 rows x 2 slots run over
+// it: per k-pair and tile 2 loads + MR (8-bit) / 2 MR (<=4-bit) broadcasts per 2 MR / 4 MR FMAs.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kChunkT = 32;
+// From which M the decode-once tiles beat the direct ones (in-process A/B, one thread, weights in cache,
+// CPU time, K = 2048, N = 1024, fp32 x, Intel Xeon (Sapphire Rapids class, KVM) forced to AVX2,
+// 2026-12-01; direct/tiled time): int8 M=8 0.92, 10 0.94, 12 1.16, 14 0.99, 16 1.09, 32 1.20;
+// int4 M=5 0.94, 6 0.99, 7 1.08, 8 1.08-1.21, 16 1.20, 32 1.28.
+constexpr int64_t kTiledMinM8 = 12;
+constexpr int64_t kTiledMinM4 = 7;
+
+template <class Direct>
+struct TiledF32 {
+  static constexpr bool kDecodeOnce = true;
+  static constexpr bool kNib = Direct::kPairBytes == kBlockN;
+  using XType = float;
+  using AccType = float;
+  static constexpr int kKPerX = 1;
+  static constexpr int kPairBytes = Direct::kPairBytes;
+  static constexpr int kSlots = Direct::kSlots;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = Direct::kAccW;
+  static constexpr int kSrcSlotBytes = kNib ? 64 : 32;  // 8-bit: one vector per slot; nibbles: lo, hi
+  static constexpr int kSrcPairBytes = 512;
+  static constexpr int64_t kChunkPairs = kChunkT;
+  static constexpr int kMaxMR = 6;
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
+
+  static ALWAYS_INLINE void decode_chunk(const uint8_t* c, int64_t np, void* scratch, const char* pf) {
+    float* w = static_cast<float*>(scratch);
+    const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      float* wp = w + p * (kSrcPairBytes / 4);
+      if (pf) {
+        for (int l = 0; l < kPairBytes / 64; ++l) _mm_prefetch(pf + p * kPairBytes + 64 * l, _MM_HINT_T0);
+      }
+      if constexpr (kNib) {
+        for (int s = 0; s < 8; ++s) {
+          const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * s)));
+          _mm256_store_ps(wp + 16 * s, _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo)));
+          _mm256_store_ps(wp + 16 * s + 8, _mm256_cvtepi32_ps(_mm256_and_si256(d, m_hi)));
+        }
+      } else {
+        for (int s = 0; s < 16; ++s) _mm256_store_ps(wp + 8 * s, u8x8_to_ps(cp + 8 * s));
+      }
+    }
+  }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* src, int64_t np, const float* x, int64_t ldx, float* acc, const char*) {
+    const float* w = reinterpret_cast<const float*>(src);
+    __m256 A[MR][NS];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
+    for (int64_t p = 0; p < np; ++p) {
+      const float* wp = w + p * (kSrcPairBytes / 4);
+      if constexpr (kNib) {
+        for (int r = 0; r < MR; ++r) {
+          const __m256 x0 = _mm256_broadcast_ss(x + r * ldx + 2 * p), x1 = _mm256_broadcast_ss(x + r * ldx + 2 * p + 1);
+          for (int s = 0; s < NS; ++s) {
+            A[r][s] = _mm256_fmadd_ps(_mm256_load_ps(wp + 16 * s), x0, A[r][s]);
+            A[r][s] = _mm256_fmadd_ps(_mm256_load_ps(wp + 16 * s + 8), x1, A[r][s]);
+          }
+        }
+      } else {
+        __m256 wv[NS];
+        for (int s = 0; s < NS; ++s) wv[s] = _mm256_load_ps(wp + 8 * s);
+        for (int r = 0; r < MR; ++r) {
+          const __m256 xb = bcast_pair(x + r * ldx + 2 * p);
+          for (int s = 0; s < NS; ++s) A[r][s] = _mm256_fmadd_ps(wv[s], xb, A[r][s]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + r * kAccW + 8 * s, A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    Direct::group_end(a, b, g, acc, total);
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Opt-in W8A8 (8-bit weights x int8 activations; the same x quantization as the AVX-512 VNNI kernel,
+// GemmArgs::xq4 / xscale, and the same exact int32 sums, so the two give identical results).
+// vpmaddwd multiplies 16-bit pairs into int32 with no saturation: the codes zero-extended to words
+// (vpmovzxbw of 16 bytes = 8 columns x (k, k+1), natural column order) times the (x[k], x[k+1]) int16
+// pair broadcast: 16 MACs per instruction against 8 for an fp32 FMA. (vpmaddubsw, llama.cpp's Q8_0
+// dot, would saturate: its int16 pair sums reach 2 * 255 * 127 with unsigned 8-bit codes, and the sign
+// trick llama.cpp uses needs weights in [-127, 127].) x arrives as int8 quads [Kp/4][M]; the entry
+// point widens it once per call to int16 pairs [M][Kp/2].
+// ------------------------------------------------------------------------------------------------
+struct I8W8A8 {
+  static constexpr bool kDecodeOnce = false;
+  using XType = uint32_t;
+  using AccType = int32_t;
+  static constexpr int kKPerX = 2;
+  static constexpr int kPairBytes = 2 * kBlockN;
+  static constexpr int kSlots = 8;
+  static constexpr int kSrcSlotBytes = 16;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const uint32_t* x, int64_t ldx, int32_t* acc,
+                                 const char* pf) {
+    __m256i A[MR][NS];
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kAccW + 8 * s));
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+      for (int s = 0; s < NS; ++s) {
+        const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * s)));
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xb = _mm256_set1_epi32(static_cast<int>(x[r * ldx + p]));
+          A[r][s] = _mm256_add_epi32(A[r][s], _mm256_madd_epi16(w, xb));
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NS; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kAccW + 8 * s), A[r][s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const int32_t* acc, float* total) {
+    // y += s * xscale * (sum q xq - z sum xq), the sums exact integers (as vnni_tile in kernel_avx512.cpp).
+    const int64_t off = (b * a.G + g) * kBlockN;
+    for (int u = 0; u < kBlockN / 8; ++u) {
+      const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u);
+      for (int64_t m = 0; m < a.M; ++m) {
+        float* t = total + m * kBlockN + 8 * u;
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * kAccW + 8 * u)));
+        const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[m * a.G + g]), q);
+        const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(a.xscale[m * a.G + g]));
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(sx, d, _mm256_loadu_ps(t)));
+      }
+    }
+  }
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Dequantization into [Kp][ldo] (the large-M path's tiles and the dequant op): w = (q - z) * s, the
+// integer difference exact in fp32 and one rounding in the multiply, as format.dequantize; then one
+// rounding to bf16 / fp16 where asked. Blocks are written whole (64 columns; the callers' buffers are
+// padded to blocks).
+// ------------------------------------------------------------------------------------------------
+ALWAYS_INLINE void store8(const DequantArgs& a, int64_t idx, __m256 v) {
+  switch (a.out_type) {
+    case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, v); break;
+    case OutType::BF16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(v));
+      break;
+    case OutType::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+  }
+}
+
+void dequant_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
+  const bool nib = a.bits != 8;
+  const int64_t pb = nib ? kBlockN : 2 * kBlockN;
+  const __m256i m_lo = _mm256_set1_epi32(0x0f);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* cbk = a.codes + b * (a.Kp / 2) * pb;
+    const int64_t col = (b - a.b_origin) * kBlockN;
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t k0 = a.group_ptr[g], k1 = a.group_ptr[g + 1];
+      if (k1 <= k0) continue;
+      const int64_t off = (b * a.G + g) * kBlockN;
+      __m256 s[8], z[8];
+      for (int u = 0; u < 8; ++u) {
+        s[u] = a.scales_f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                  static_cast<const uint16_t*>(a.scales) + off + 8 * u)))
+                            : _mm256_loadu_ps(static_cast<const float*>(a.scales) + off + 8 * u);
+        z[u] = a.zeros ? u8x8_to_ps(a.zeros + off + 8 * u) : _mm256_set1_ps(a.sym_zero);
+      }
+      for (int64_t k = k0; k < k1; k += 2) {
+        const uint8_t* c = cbk + (k / 2) * pb;
+        const int64_t r0 = k * a.ldo + col, r1 = r0 + a.ldo;
+        if (nib) {
+          alignas(32) float lo[kBlockN], hi[kBlockN];  // native lane order: lane j = column nib_col(j)
+          for (int t = 0; t < 8; ++t) {
+            const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * t)));
+            _mm256_store_ps(lo + 8 * t, _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo)));
+            _mm256_store_ps(hi + 8 * t, _mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)));
+          }
+          for (int u = 0; u < 8; ++u) {
+            const int i0 = nib_byte(8 * u), i1 = nib_byte(8 * u + 4);
+            const __m256 e = _mm256_set_m128(_mm_load_ps(lo + i1), _mm_load_ps(lo + i0));
+            const __m256 o = _mm256_set_m128(_mm_load_ps(hi + i1), _mm_load_ps(hi + i0));
+            store8(a, r0 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(e, z[u]), s[u]));
+            store8(a, r1 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(o, z[u]), s[u]));
+          }
+        } else {
+          for (int u = 0; u < 8; ++u) {
+            // slots 2u, 2u+1: columns 8u..8u+3 and 8u+4..8u+7 as (k, k+1) lane pairs
+            const __m256 p0 = u8x8_to_ps(c + 16 * u), p1 = u8x8_to_ps(c + 16 * u + 8);
+            const __m256 e = _mm256_shuffle_ps(p0, p1, 0x88);  // [c0 c1 c4 c5 | c2 c3 c6 c7], row k
+            const __m256 o = _mm256_shuffle_ps(p0, p1, 0xdd);  // the same for row k+1
+            const __m256 en = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8));
+            const __m256 on = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8));
+            store8(a, r0 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(en, z[u]), s[u]));
+            store8(a, r1 + 8 * u, _mm256_mul_ps(_mm256_sub_ps(on, z[u]), s[u]));
+          }
+        }
+      }
+    }
+  }
+}
+
+// Per-call buffers, 64-byte aligned (aligned_alloc wants the size rounded up to the alignment).
+struct Aligned {
+  void* p;
+  explicit Aligned(size_t bytes) : p(std::aligned_alloc(64, ((bytes ? bytes : 1) + 63) / 64 * 64)) {}
+  ~Aligned() { std::free(p); }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+};
+
+template <class P>
+bool run(const GemmArgs& a, int64_t b0, int64_t b1, const void* x, int64_t ldx) {
+  Aligned total(static_cast<size_t>(a.M * kBlockN) * sizeof(float));
+  Aligned acc(static_cast<size_t>(a.M * P::kAccW) * sizeof(typename P::AccType));
+  if (!total.p || !acc.p) return false;
+  Aligned scratch(P::kDecodeOnce ? static_cast<size_t>(kChunkT * 512) : 0);
+  if (!scratch.p) return false;
+  DriverCtx c;
+  c.scratch = scratch.p;
+  c.x = x;
+  c.ldx = ldx;
+  c.acc = acc.p;
+  c.total = static_cast<float*>(total.p);
+  // One chunk ahead (8 KiB of int8, 4 KiB of nibble codes: the AVX-512 kernels measured 1-4 KiB
+  // within noise of each other), spread over the strips by the driver. The DRAM-resident A/B on this
+  // session's shared host varied by 2-5x between rounds, so this distance is not tuned here.
+  c.stream_ahead = P::kChunkPairs * P::kPairBytes;
+  small_m_driver<P>(a, b0, b1, c);
+  return true;
+}
+
 }  // namespace
 
 namespace avx2 {
-bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) { return portable_small_m(a, b0, b1); }
-bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) { return portable_dequant(a, b0, b1); }
+bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) {
+  if (!a.xf) return false;
+  const bool tiled = a.M >= (a.bits == 8 ? kTiledMinM8 : kTiledMinM4);
+  if (a.bits == 8) return tiled ? run<TiledF32<I8F32>>(a, b0, b1, a.xf, a.Kp) : run<I8F32>(a, b0, b1, a.xf, a.Kp);
+  // x with odd k divided by 16 (see I4F32), once per call.
+  const int64_t n = a.M * a.Kp;
+  Aligned xs(static_cast<size_t>(n) * sizeof(float));
+  if (!xs.p) return false;
+  float* v = static_cast<float*>(xs.p);
+  const __m256 sc = _mm256_setr_ps(1.f, 0.0625f, 1.f, 0.0625f, 1.f, 0.0625f, 1.f, 0.0625f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_store_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(a.xf + i), sc));
+  for (; i < n; ++i) v[i] = (i & 1) ? a.xf[i] * 0.0625f : a.xf[i];  // Kp is even: parity of i is that of k
+  return tiled ? run<TiledF32<I4F32>>(a, b0, b1, v, a.Kp) : run<I4F32>(a, b0, b1, v, a.Kp);
+}
+
+bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
+  if (a.bits != 8 || !a.xq4 || !a.xscale) return false;
+  // int8 quads [Kp/4][M] -> int16 pairs [M][Kp/2].
+  const int64_t M = a.M, P2 = a.Kp / 2;
+  Aligned xw(static_cast<size_t>(M * P2) * sizeof(uint32_t));
+  if (!xw.p) return false;
+  uint32_t* w = static_cast<uint32_t*>(xw.p);
+  const int8_t* q = reinterpret_cast<const int8_t*>(a.xq4);
+  for (int64_t k4 = 0; k4 < a.Kp / 4; ++k4)
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* e = q + (k4 * M + m) * 4;
+      w[m * P2 + 2 * k4] = static_cast<uint16_t>(e[0]) | static_cast<uint32_t>(static_cast<uint16_t>(e[1])) << 16;
+      w[m * P2 + 2 * k4 + 1] = static_cast<uint16_t>(e[2]) | static_cast<uint32_t>(static_cast<uint16_t>(e[3])) << 16;
+    }
+  return run<I8W8A8>(a, b0, b1, w, P2);
+}
+
+bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
+  dequant_impl(a, b0, b1);
+  return true;
+}
 }  // namespace avx2
 }  // namespace gptq_cpu
 
@@ -41,6 +568,7 @@ bool avx2_compiled() { return true; }
 namespace gptq_cpu {
 namespace avx2 {
 bool small_m(const GemmArgs&, int64_t, int64_t) { return false; }
+bool small_m_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 }  // namespace avx2
 bool avx2_compiled() { return false; }

@@ -135,7 +135,7 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
   a.M = M;
   bool quads = true;
   for (int64_t g = 0; g <= p.G && quads; ++g) quads = p.group_ptr.data_ptr<int32_t>()[g] % 4 == 0;
-  const bool w8a8 = cfg.w8a8 && cfg.vnni && p.bits == 8 && M >= kTiledMinM && quads;
+  const bool w8a8 = cfg.w8a8 && cfg.w8a8_ok && p.bits == 8 && M >= kTiledMinM && quads;
   const bool tiled = cfg.isa == Isa::Avx512 && M >= kTiledMinM;
   const bool vbmi_direct = cfg.vbmi && dot && !tiled && p.bits == 8;
   const XLayout layout = w8a8 ? XLayout::Int8Quads
@@ -172,7 +172,7 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
             : vbmi_direct ? avx512_vbmi::small_m_i8_bf16(a, b0, b1)
                           : avx512::small_m(a, b0, b1, dot);
         break;
-      case Isa::Avx2: r = avx2::small_m(a, b0, b1); break;
+      case Isa::Avx2: r = w8a8 ? avx2::small_m_w8a8(a, b0, b1) : avx2::small_m(a, b0, b1); break;
       default: r = generic::small_m(a, b0, b1); break;
     }
     if (!r) ok = false;

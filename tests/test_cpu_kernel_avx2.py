@@ -1,0 +1,228 @@
+"""The AVX2 kernels (csrc/cpu/kernel_avx2.cpp on the shared driver csrc/cpu/driver.inc) against
+independent float64 math, on every CPU that has AVX2 + FMA + F16C (forced with
+``kernel_config("avx2")``, so an AVX-512 machine runs them too).
+
+The expected products are built here from the raw codes, zero points and scales the test draws
+(``tests/test_cpu_kernel.make_layer``: ``W = (q - z) * s`` in float64), never by running a kernel. The
+shapes and M values are chosen to reach every code path of the AVX2 kernels: direct tiles (M below
+the decode-once threshold: 12 rows for 8-bit, 7 for <= 4-bit), decode-once tiles, row tiles of 1..6
+rows (the driver splits M into even tiles of <= 6), every strip width, chunks of 64 / 32 k-pairs (K
+up to 600 with group -1 spans several), N not a multiple of 8 or 64 (the tail store), the opt-in
+W8A8 kernel, and the switch-over to the large-M path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptq_ascend import format as fmt
+
+from .conftest import gptq_fixture_dirs
+from .test_cpu_kernel import BACKEND, REL_TOL, make_layer, rel_err, w8a8_emulated, x_for
+
+cpu_mod = pytest.importorskip("gptq_ascend.backends.cpu")
+_OK, _WHY = BACKEND.available()
+
+
+def _avx2_reason() -> str | None:
+    """None when this CPU runs the AVX2 kernels, else the kernel's own reason."""
+    if not _OK:
+        return f"CPU backend unavailable: {_WHY}"
+    try:
+        cpu_mod.kernel_config("avx2")
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        cpu_mod.kernel_config("reset")
+    return None
+
+
+_WHY_NOT = _avx2_reason()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def avx2():
+    """The AVX2 tier for the test's duration; the start-up settings afterwards."""
+    desc = cpu_mod.kernel_config("avx2")
+    assert "isa=avx2" in desc, desc
+    yield cpu_mod.kernel_config
+    cpu_mod.kernel_config("reset")
+
+
+def gemm_out(x: torch.Tensor, packed, bias=None) -> torch.Tensor:
+    """The op's out= variant into a NaN-poisoned buffer: every output element must be written."""
+    p = packed.tensors
+    y = torch.full((*x.shape[:-1], packed.out_features), float("nan"), dtype=x.dtype)
+    torch.ops.gptq_ascend.cpu_gemm.out(x, p["codes"], p["scales"], p.get("zeros"), p["row_map"], p["group_ptr"],
+                                       bias, packed.spec.bits, float(packed.spec.sym_zero), packed.in_features,
+                                       packed.out_features, out=y)
+    assert not torch.isnan(y).any(), "output elements left unwritten"
+    return y
+
+
+def small_m_max_f32() -> int:
+    return int(cpu_mod.kernel_settings()["small_m_max_f32"])
+
+
+# Every M through 40 covers direct tiles of 1..6 rows, both decode-once thresholds and tile splits up
+# to 7 tiles; 63/64/65 and the switch-over (and one above it: the large-M path) the rest.
+M_VALUES = [*range(1, 41), 63, 64, 65]
+
+
+@pytest.mark.parametrize("bits", (8, 4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
+@pytest.mark.parametrize("gs", (32, -1))
+def test_avx2_matches_float64(bits, sym, act, gs, avx2):
+    # K odd (3-bit needs multiples of 32); N = 136: two full blocks and a tail of one whole vector of 8
+    # columns, N = 75: a tail that is not a whole vector.
+    k = 160 if bits == 3 else 151
+    for n in ((136,) if act else (75,)):
+        t, spec, w = make_layer(k, n, bits, gs, sym, act, "gptq", seed=bits * 10 + n + gs)
+        packed = BACKEND.repack(t, spec, k)
+        for dt in DTYPES:
+            for m in M_VALUES:
+                x = x_for(m, k, dt, seed=m)
+                err = rel_err(gemm_out(x, packed), x.double() @ w)
+                assert err <= REL_TOL[dt], f"int{bits} {dt} N={n} M={m}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_avx2_long_k_several_chunks_and_bias(bits, avx2):
+    """group -1 with K = 600 (300 k-pairs: several 64 / 32 k-pair chunks in one group, accumulators
+    carried across chunks), fp32 scales, a bias, batch dims, and M at and above the switch-over."""
+    k, n = 600, 200
+    t, spec, w = make_layer(k, n, bits, -1, False, True, "gptq_v2", seed=7, scale_dtype=torch.float32)
+    packed = BACKEND.repack(t, spec, k)
+    assert packed.tensors["scales"].dtype == torch.float32
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    s = small_m_max_f32()
+    for dt in DTYPES:
+        for m in (1, 3, 6, 12, 13, s, s + 1):
+            x = x_for(m, k, dt, seed=m)
+            ref = x.double() @ w + bias.to(dt).double()
+            err = rel_err(gemm_out(x, packed, bias.to(dt)), ref)
+            assert err <= REL_TOL[dt], f"int{bits} {dt} M={m}: {err:.2e}"
+        x3 = x_for(1, k, dt, seed=5, shape=(2, 3))
+        err = rel_err(BACKEND.gemm(x3, packed), x3.double() @ w)
+        assert err <= REL_TOL[dt], f"int{bits} {dt} batch dims: {err:.2e}"
+
+
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 6, 7, 12, 16))
+def test_avx2_every_int8_code_exact(m, avx2):
+    """All 256 codes in every row and column, unit scales, z = 128, one-hot fp32 rows: y[r] = q[k_r] -
+    128 exactly, so a wrong lane, slot or pair reduction shows as an inequality, not as noise."""
+    k, n = 256, 256
+    q = (torch.arange(k)[:, None] + torch.arange(n)[None, :]) % 256
+    spec = fmt.QuantSpec(8, 128, True, False, "gptq")
+    z = torch.full((2, n), 128, dtype=torch.int64)
+    t = fmt.GPTQTensors(fmt.pack(q, 8, 0), fmt.pack_zeros(z, spec), torch.ones(2, n, dtype=torch.float16),
+                        (torch.arange(k) // 128).to(torch.int32))
+    packed = BACKEND.repack(t, spec, k)
+    rows = torch.randperm(k, generator=torch.Generator().manual_seed(m))
+    for dt in DTYPES:
+        for r0 in range(0, k, m):
+            ks = rows[r0:r0 + m]
+            x = torch.zeros(len(ks), k, dtype=dt)
+            x[torch.arange(len(ks)), ks] = 1
+            assert torch.equal(gemm_out(x, packed), (q[ks] - 128).to(dt)), f"{dt} M={len(ks)} rows {ks.tolist()}"
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
+@pytest.mark.parametrize("m", (1, 2, 3, 5, 7, 8))
+def test_avx2_every_nibble_exact(bits, m, avx2):
+    """Every code of the nibble layout in both halves of a byte (even and odd k) and every column
+    position of the layout's byte permutation, asymmetric with z = 0: y[r] = q[k_r] exactly."""
+    k, n = 128, 128
+    q = (torch.arange(k)[:, None] * 3 + torch.arange(n)[None, :]) % 2**bits
+    spec = fmt.QuantSpec(bits, 128, False, False, "gptq_v2")
+    z = torch.zeros((1, n), dtype=torch.int64)
+    t = fmt.GPTQTensors(fmt.pack(q, bits, 0), fmt.pack_zeros(z, spec), torch.ones(1, n, dtype=torch.float16),
+                        torch.zeros(k, dtype=torch.int32))
+    packed = BACKEND.repack(t, spec, k)
+    assert "zeros" in packed.tensors
+    rows = torch.randperm(k, generator=torch.Generator().manual_seed(m + bits))
+    for dt in (torch.float32, torch.bfloat16):
+        for r0 in range(0, k, m):
+            ks = rows[r0:r0 + m]
+            x = torch.zeros(len(ks), k, dtype=dt)
+            x[torch.arange(len(ks)), ks] = 1
+            assert torch.equal(gemm_out(x, packed), q[ks].to(dt)), f"int{bits} {dt} M={len(ks)} rows {ks.tolist()}"
+
+
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
+def test_avx2_w8a8_opt_in(sym, act, avx2):
+    """The opt-in int8-activation mode on AVX2 (vpmaddwd): the float64 emulation of the quantized x
+    (the same quantization as the AVX-512 VNNI kernel) up to fp32 accumulation and output rounding, and
+    within 2% of the exact product; below M = 5 and for 4-bit layers the exact kernel runs."""
+    k, n = 256, 136
+    t, spec, w = make_layer(k, n, 8, 64, sym, act, "gptq", seed=11)
+    packed = BACKEND.repack(t, spec, k)
+    avx2("", w8a8=True)  # the emulation check below fails on the exact kernel (x rounding is ~1e-2)
+    for dt in DTYPES:
+        for m in (1, 4, 5, 7, 13, 16, 33):
+            x = x_for(m, k, dt, seed=m)
+            y = gemm_out(x, packed).double()
+            exact = x.double() @ w
+            if m < 5:
+                assert rel_err(y, exact) <= REL_TOL[dt], f"{dt} M={m}"
+                continue
+            assert rel_err(y, w8a8_emulated(x, w, t.g_idx.long())) <= REL_TOL[dt], f"{dt} M={m}"
+            assert rel_err(y, exact) <= 2e-2, f"{dt} M={m}"
+    t4, spec4, w4 = make_layer(128, 64, 4, 32, False, False, "gptq")
+    p4 = BACKEND.repack(t4, spec4, 128)
+    x = x_for(16, 128, torch.float32)
+    assert rel_err(gemm_out(x, p4), x.double() @ w4) <= REL_TOL[torch.float32]
+
+
+FIXTURES = gptq_fixture_dirs()
+
+
+@pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints "
+                    "(generate them with tools/make_fixtures.py)")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_avx2_gptqmodel_fixtures(fixture, avx2):
+    """GPTQModel-written checkpoints: y = x @ GPTQModel's dequantized weight within one fp16 ulp per
+    weight (GPTQModel rounds W to the scales' dtype) plus fp32 accumulation, element-wise, for the
+    direct and the decode-once kernels."""
+    from safetensors.torch import load_file
+
+    from gptq_ascend.checkpoint import Checkpoint
+
+    config = fmt.GPTQConfig.load(fixture)
+    ckpt = Checkpoint.open(fixture)
+    expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+    layers = ckpt.quantized_layers()
+    assert layers, fixture.name
+    for prefix in layers:
+        spec = config.spec_for(prefix)
+        w_gm = expected[f"{prefix}.weight"].double()
+        k = w_gm.shape[0]
+        packed = BACKEND.repack(ckpt.layer_tensors(prefix), spec, k)
+        for m in (1, 3, 16):
+            x = x_for(m, k, torch.float32, seed=k + m)
+            y = gemm_out(x, packed).double()
+            ref = x.double() @ w_gm
+            bound = (x.double().abs() @ w_gm.abs()) * (2.0**-10 + 1e-6) + 1e-6
+            assert bool(((y - ref).abs() <= bound).all()), \
+                f"{fixture.name}:{prefix} M={m}: max |y - x@W_gptqmodel| = {float((y - ref).abs().max()):.3g}"
+            xb = x.to(torch.bfloat16)
+            err = rel_err(gemm_out(xb, packed), xb.double() @ w_gm)
+            assert err <= REL_TOL[torch.bfloat16], f"{fixture.name}:{prefix} bf16 M={m}: {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", (8, 4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+def test_avx2_dequant_exact(bits, sym, avx2):
+    """The AVX2 dequantization (the large-M path's tiles, the dequant op): fp32 bit-exact ((q - z) * s
+    has <= 20 significant bits), bf16 / fp16 exactly one rounding of it; act-order, short last group."""
+    k = 160 if bits == 3 else 151
+    t, spec, w = make_layer(k, 136, bits, 64, sym, True, "gptq", seed=bits + 40)
+    packed = BACKEND.repack(t, spec, k)
+    assert torch.equal(BACKEND.dequant(packed, torch.float32), w.float())
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(BACKEND.dequant(packed, dt), w.float().to(dt)), dt
