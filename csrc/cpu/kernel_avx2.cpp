@@ -513,7 +513,7 @@ bool run(const GemmArgs& a, int64_t b0, int64_t b1, const void* x, int64_t ldx) 
 }  // namespace
 
 namespace avx2 {
-bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) {
+bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (!a.xf) return false;
   const bool tiled = a.M >= (a.bits == 8 ? kTiledMinM8 : kTiledMinM4);
   if (a.bits == 8) return tiled ? run<TiledF32<I8F32>>(a, b0, b1, a.xf, a.Kp) : run<I8F32>(a, b0, b1, a.xf, a.Kp);
@@ -529,7 +529,7 @@ bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) {
   return tiled ? run<TiledF32<I4F32>>(a, b0, b1, v, a.Kp) : run<I4F32>(a, b0, b1, v, a.Kp);
 }
 
-bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
+bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (a.bits != 8 || !a.xq4 || !a.xscale) return false;
   // int8 quads [Kp/4][M] -> int16 pairs [M][Kp/2].
   const int64_t M = a.M, P2 = a.Kp / 2;
@@ -567,8 +567,8 @@ bool avx2_compiled() { return true; }
 
 namespace gptq_cpu {
 namespace avx2 {
-bool small_m(const GemmArgs&, int64_t, int64_t) { return false; }
-bool small_m_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
+bool fused_gemm(const GemmArgs&, int64_t, int64_t) { return false; }
+bool fused_gemm_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 }  // namespace avx2
 bool avx2_compiled() { return false; }

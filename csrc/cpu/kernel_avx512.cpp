@@ -1033,7 +1033,7 @@ void dequant_vnni_bf16_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
 #if defined(GPTQ_CPU_VBMI)
 namespace avx512_vbmi {
 
-bool small_m_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1) {
+bool fused_gemm_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (a.M >= kTiledMinM || a.bits != 8) return false;
   float* total = alloc_totals(a.M);
   if (!total) return false;
@@ -1046,7 +1046,7 @@ bool small_m_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1) {
 #else
 namespace avx512 {
 
-bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
+bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
   float* total = alloc_totals(a.M);
   if (!total) return false;
   if (bf16_dot && a.M >= kTiledMinM) {
@@ -1078,7 +1078,7 @@ bool small_m(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot) {
   return true;
 }
 
-bool small_m_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
+bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
   float* total = alloc_totals(a.M);
   if (!total) return false;
   small_m_w8a8_impl(a, b0, b1, total);
@@ -1120,14 +1120,14 @@ bool avx512_compiled() { return true; }
 #else  // not x86-64
 #if defined(GPTQ_CPU_VBMI)
 namespace gptq_cpu::avx512_vbmi {
-bool small_m_i8_bf16(const GemmArgs&, int64_t, int64_t) { return false; }
+bool fused_gemm_i8_bf16(const GemmArgs&, int64_t, int64_t) { return false; }
 }  // namespace gptq_cpu::avx512_vbmi
 #else
 
 namespace gptq_cpu {
 namespace avx512 {
-bool small_m(const GemmArgs&, int64_t, int64_t, bool) { return false; }
-bool small_m_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
+bool fused_gemm(const GemmArgs&, int64_t, int64_t, bool) { return false; }
+bool fused_gemm_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 bool dequant_t_bf16(const DequantArgs&, int64_t, int64_t) { return false; }
 bool dequant_vnni_bf16(const DequantArgs&, int64_t, int64_t) { return false; }

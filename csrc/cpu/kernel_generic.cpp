@@ -11,7 +11,7 @@ namespace {
 }  // namespace
 
 namespace generic {
-bool small_m(const GemmArgs& a, int64_t b0, int64_t b1) { return portable_small_m(a, b0, b1); }
+bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) { return portable_fused_gemm(a, b0, b1); }
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) { return portable_dequant(a, b0, b1); }
 }  // namespace generic
 }  // namespace gptq_cpu

@@ -125,7 +125,7 @@ OutType out_type_of(at::ScalarType st) {
 
 namespace {
 
-void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
+void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
                  at::Tensor& out2) {
   const int64_t M = x2.size(0);
   const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
@@ -168,12 +168,12 @@ void run_small_m(const Config& cfg, const at::Tensor& x2, const Packed& p, const
     bool r;
     switch (isa) {
       case Isa::Avx512:
-        r = w8a8          ? avx512::small_m_w8a8(a, b0, b1)
-            : vbmi_direct ? avx512_vbmi::small_m_i8_bf16(a, b0, b1)
-                          : avx512::small_m(a, b0, b1, dot);
+        r = w8a8          ? avx512::fused_gemm_w8a8(a, b0, b1)
+            : vbmi_direct ? avx512_vbmi::fused_gemm_i8_bf16(a, b0, b1)
+                          : avx512::fused_gemm(a, b0, b1, dot);
         break;
-      case Isa::Avx2: r = w8a8 ? avx2::small_m_w8a8(a, b0, b1) : avx2::small_m(a, b0, b1); break;
-      default: r = generic::small_m(a, b0, b1); break;
+      case Isa::Avx2: r = w8a8 ? avx2::fused_gemm_w8a8(a, b0, b1) : avx2::fused_gemm(a, b0, b1); break;
+      default: r = generic::fused_gemm(a, b0, b1); break;
     }
     if (!r) ok = false;
   });
@@ -191,7 +191,7 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   const Config cfg = current_config();
   const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
   const bool brgemm = dot && brgemm_on(cfg);  // brgemm_on implies bf16_dot
-  if (M <= small_m_max(cfg, x2.scalar_type(), brgemm)) run_small_m(cfg, x2, p, bias, out2);
+  if (M <= small_m_max(cfg, x2.scalar_type(), brgemm)) run_fused(cfg, x2, p, bias, out2);
   else if (brgemm) run_large_m_brgemm(x2, p, bias, out2);
   else run_large_m(cfg, x2, p, bias, out2);
 }
