@@ -67,13 +67,12 @@ struct Tuning {
   // for fp32 / fp16 activations (and bf16 ones on tiers without BF16, which are widened to fp32).
   int64_t small_m_max_bf16_brgemm, small_m_max_bf16_gemm, small_m_max_f32;
 };
-// avx512*: 2-core Zen 4, int8 Qwen3-1.7B layers, interleaved against dense (docs/cpu-kernel.md,
-//   "switch-over"): the fused kernel vs brgemm cross at M = 48; vs dequantized tiles into ATen's GEMM at
-//   M = 192; fp32 FMA fused vs ATen's fp32 GEMM still wins at M = 256.
-// avx2: the AVX2 intrinsics kernels vs dequantized tiles into ATen's fp32 GEMM (MKL / oneDNN capped at
-//   AVX2), 2048 x 2048 int8, one thread, CPU time, 2026-12-01 (docs/notes/issue-10-tiers.md): fused/large
-//   0.28-0.51 at M = 32, 0.49-0.91 at 64, 0.77-0.88 at 128, 0.83-0.95 at 192, 0.83-1.07 at 256 -> 192.
-// generic: the portable C++ at the baseline ISA vs ATen's fp32 GEMM at the CPU's best ISA: equal at M = 32.
+// Where the numbers come from (the measurements themselves: docs/notes/issue-3-cpu-kernel.md for the
+// AVX-512 tiers, docs/notes/issue-10-tiers.md for avx2 and generic):
+// avx512*: 2-core Zen 4, int8 Qwen3-1.7B layers, fused kernel vs brgemm, vs dequantized tiles into
+//   ATen's GEMM, and fp32 FMA fused vs ATen's fp32 GEMM, interleaved, where each pair crosses.
+// avx2: the AVX2 intrinsics kernels vs dequantized tiles into ATen's fp32 GEMM capped at AVX2.
+// generic: the portable C++ at the baseline ISA vs ATen's fp32 GEMM at the CPU's best ISA.
 constexpr Tuning kTuning[] = {
     /* generic    */ {32, 32, 32},
     /* avx2       */ {192, 192, 192},
@@ -143,7 +142,7 @@ int64_t brgemm_tile_rows() {
 
 
 // Dequantized-tile GEMM path: bytes per tile, shared by the threads. 4 MiB measured best with Zen 4's
-// 32 MiB L3 (1 MiB 1.14-1.42x, 4 MiB 1.12-1.13x, 16 MiB 1.15-1.19x dense time at M = 256): L3 / 8.
+// 32 MiB L3 (1 MiB and 16 MiB both slower at M = 256, docs/cpu-kernel.md "Paths"): L3 / 8.
 // GPTQ_ASCEND_CPU_TILE_KIB overrides it (a tuning knob, read once).
 int64_t gemm_tile_bytes() {
   static const int64_t v = [] {

@@ -157,10 +157,8 @@ void run_large_m_brgemm(const at::Tensor& x2, const Packed& p, const c10::option
 namespace {
 // Large M: dequantize column tiles into a reused buffer and hand each to ATen's GEMM (oneDNN/MKL).
 // With AVX512-BF16 and bf16 activations the tile is written transposed ([N, K], like nn.Linear's
-// weight), the layout oneDNN is fastest with. Tiles are ~4 MiB and at least 512 columns wide. Measured
-// (2 threads, quiet, interleaved with dense, ours/dense at M = 256 for qkv, gate_up, down): 1 MiB tiles
-// (one 64-column block at K = 6144) 1.14-1.42x, 4 MiB 1.12-1.13x, 16 MiB 1.15-1.19x, 32-64 MiB
-// 1.15-1.20x; at M = 1024 all within 1.03-1.11x. The buffer is kept per thread between calls.
+// weight), the layout oneDNN is fastest with, else fp32 [K, N]. Tiles are gemm_tile_bytes() (config.cpp)
+// and at least 512 columns wide. The buffer is kept per thread between calls.
 at::Tensor& tile_buffer(int64_t rows, int64_t cols, at::ScalarType ct) {
   thread_local at::Tensor buf;
   if (!buf.defined() || buf.scalar_type() != ct || buf.numel() < rows * cols) {
