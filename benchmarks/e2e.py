@@ -282,8 +282,9 @@ def vllm_worker(args: argparse.Namespace) -> dict:
     dtype = args.dtype if online else SHORT[mode.split("-")[1]]
     batches = [int(b) for b in args.batches.split(",")]
     prompts_ids, prompt_how = build_prompts(str(args.model), max(batches), PROMPT_LEN)
+    max_pos = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings", 1024)
     kwargs = dict(model=str(args.model), quantization="gptq_ascend" if online else None, dtype=dtype,
-                  skip_tokenizer_init=True, enforce_eager=args.enforce_eager, max_model_len=1024,
+                  skip_tokenizer_init=True, enforce_eager=args.enforce_eager, max_model_len=min(1024, max_pos),
                   max_num_seqs=max(16, max(batches)), seed=0, enable_prefix_caching=False)
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
@@ -348,6 +349,14 @@ def llama_worker(args: argparse.Namespace) -> dict:
                             batch=batch)
     except lcpp.LlamaCppError as e:
         raise E2EError(str(e)) from None
+    # What llama-quantize chose per tensor (it keeps norms F32 and may give the tied embedding, which is
+    # also the output matrix, a type of its own): the bytes per token differ from a uniform Q8_0 / Q4_0.
+    from collections import Counter
+
+    reader = lcpp.import_gguf(lc).GGUFReader(args.model)
+    result["tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
+    result["token_embd_type"] = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
+    del reader
     result.update(mode=args.worker, dtype=args.worker.split("-")[1], device="cpu", startup_s=None,
                   prompt="llama-bench random token ids", llama_cpp_version=args.llama_cpp_version,
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
@@ -391,6 +400,7 @@ def combine(rounds: list[dict]) -> dict:
             if len(rounds) > 1 and k.startswith(("decode_tok_s", "ttft_s")):
                 out[f"{k}_rounds"] = [r[k] for r in rounds]
     out["rounds"] = len(rounds)
+    out["started"] = [r.get("started") for r in rounds]
     return out
 
 
@@ -545,7 +555,14 @@ def main(argv: list[str] | None = None) -> None:
                 tag = f"{mode}{'' if args.device == 'cpu' else '-eager' if eager else '-graph'}"
                 print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds}: {tag} ...",
                       file=sys.stderr, flush=True)
-                runs.setdefault(tag, []).append(run_mode(mode, model_for[mode], args, eager))
+                started = time.strftime("%H:%M:%S UTC", time.gmtime())
+                result = run_mode(mode, model_for[mode], args, eager)
+                result["started"] = started
+                runs.setdefault(tag, []).append(result)
+                if args.json:  # what is done so far survives an interrupted run; not a result file
+                    partial = args.json.with_name(args.json.name + ".partial")
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps({"complete": False, "runs": runs}, indent=2) + "\n")
     results = [combine(r) for r in runs.values()]
     batches = [int(b) for b in args.batches.split(",")]
     info = machine()
@@ -562,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"date": info["date_utc"], "machine": info, "args": {
             k: str(v) for k, v in vars(args).items() if k != "worker"}, "results": results}, indent=2) + "\n")
+        args.json.with_name(args.json.name + ".partial").unlink(missing_ok=True)
     if args.plot:
         plot(results, batches, args.plot, header[:160])
 
