@@ -281,7 +281,10 @@ def bench(lc: LlamaCpp, model: Path, threads: int, repeats: int, prompt: int, ge
     llama-bench: ``-p PROMPT -n GEN -r REPEATS`` (pp and tg are separate tests, tg from an empty
     context); TTFT is taken as the pp time (prefill of PROMPT tokens). llama-batched-bench: PROMPT
     tokens per sequence then GEN tokens in each of ``batch`` sequences, run REPEATS times (it has no
-    repetition option). Medians of the per-run rates.
+    repetition option; ``-c 0`` = the model's context length: in this llama.cpp an explicit ``-c`` made
+    it skip every batch). Its last result line is often lost at exit (the log is written by a thread
+    that is not flushed), so a batch-1 run follows the measured one and is discarded. Medians of the
+    per-run rates.
     """
     base = [str(model), "-t", str(threads)]
     proc = subprocess.run([str(lc.tool("llama-bench")), "-m", *base, "-p", str(prompt), "-n", str(gen),
@@ -300,17 +303,25 @@ def bench(lc: LlamaCpp, model: Path, threads: int, repeats: int, prompt: int, ge
               "cpu_info": tg.get("cpu_info", "")}
     rates = []
     for _ in range(repeats):
-        proc = subprocess.run([str(lc.tool("llama-batched-bench")), "-m", *base, "-c", str((prompt + gen) * batch),
+        proc = subprocess.run([str(lc.tool("llama-batched-bench")), "-m", *base, "-c", "0",
                                "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen),
-                               "-npl", str(batch), "--output-format", "jsonl"], capture_output=True, text=True)
-        line = next((json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")), None)
+                               "-npl", f"{batch},1", "--output-format", "jsonl"], capture_output=True, text=True)
+        line = next((r for r in map(_json_or_none, proc.stdout.splitlines()) if r and r.get("pl") == batch), None)
         if proc.returncode != 0 or line is None:
-            raise LlamaCppError(f"llama-batched-bench on {model} failed (exit {proc.returncode}): "
-                                f"{proc.stderr.strip().splitlines()[-1:] or ''}")
+            raise LlamaCppError(f"llama-batched-bench on {model} gave no result (exit {proc.returncode}; it "
+                                f"skips a batch whose {batch} x {prompt + gen} tokens exceed the model's "
+                                f"context): {proc.stderr.strip().splitlines()[-1:] or ''}")
         rates.append(float(line["speed_tg"]))
     result[f"decode_tok_s_b{batch}"] = statistics.median(rates)
     result[f"decode_tok_s_b{batch}_runs"] = rates
     return result
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line) if line.startswith("{") else None
+    except ValueError:
+        return None
 
 
 def main() -> None:
