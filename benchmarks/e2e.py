@@ -119,6 +119,15 @@ def machine() -> dict:
     return info
 
 
+def llama_repack(choice: str, flags: set[str] | None = None) -> bool:
+    """Whether llama.cpp may use its extra buffer types (AMX, repacked Q4_0/Q8_0 layouts). ``auto`` turns
+    them off on AMX CPUs: with GGML_NATIVE the AMX path is compiled in, and at llama.cpp 0c1e570 every
+    Q8_0/Q4_0 matmul died in ggml_backend_amx_mul_mat (SIGSEGV) on this project's AMX Xeon (KVM)."""
+    if choice != "auto":
+        return choice == "on"
+    return "amx_int8" not in (cpu_flags() if flags is None else flags)
+
+
 def npu_status() -> tuple[bool, str]:
     """(usable, reason): an Ascend NPU visible through torch_npu, and vllm-ascend importable."""
     try:
@@ -346,7 +355,7 @@ def llama_worker(args: argparse.Namespace) -> dict:
     batch = max(int(b) for b in args.batches.split(","))
     try:
         result = lcpp.bench(lc, Path(args.model), args.threads, args.repeats, PROMPT_LEN, args.decode_tokens,
-                            batch=batch)
+                            batch=batch, repack=llama_repack(args.llama_repack))
     except lcpp.LlamaCppError as e:
         raise E2EError(str(e)) from None
     # What llama-quantize chose per tensor (it keeps norms F32 and may give the tied embedding, which is
@@ -370,7 +379,7 @@ def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bo
     cmd = [sys.executable, "-m", "benchmarks.e2e", "--worker", mode, "--model", str(model),
            "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype,
            "--device", args.device, "--batches", args.batches, "--threads", str(args.threads),
-           "--llama-cpp-version", args.llama_cpp_version]
+           "--llama-cpp-version", args.llama_cpp_version, "--llama-repack", args.llama_repack]
     if enforce_eager:
         cmd.append("--enforce-eager")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -487,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--enforce-eager", action="store_true",
                     help="skip torch.compile (CPU) / run only eager, no graph mode (NPU)")
     ap.add_argument("--llama-cpp-version", default="0.3.36", help="llama-cpp-python release to build from")
+    ap.add_argument("--llama-repack", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's extra buffer types (AMX / repacked weights); auto: off on AMX CPUs, "
+                    "where its AMX matmul crashed")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--plot", type=Path, help="write a PNG chart here")
     ap.add_argument("--worker", choices=ALL_MODES, help=argparse.SUPPRESS)

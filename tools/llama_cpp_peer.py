@@ -275,7 +275,7 @@ def quantize(lc: LlamaCpp, src: Path, out: Path, qtype: str, threads: int | None
 
 
 def bench(lc: LlamaCpp, model: Path, threads: int, repeats: int, prompt: int, gen: int,
-          batch: int = 8) -> dict:
+          batch: int = 8, repack: bool = True) -> dict:
     """Batch-1 decode and prefill with llama-bench; batch-``batch`` decode with llama-batched-bench.
 
     llama-bench: ``-p PROMPT -n GEN -r REPEATS`` (pp and tg are separate tests, tg from an empty
@@ -284,11 +284,12 @@ def bench(lc: LlamaCpp, model: Path, threads: int, repeats: int, prompt: int, ge
     repetition option; ``-c 0`` = the model's context length: in this llama.cpp an explicit ``-c`` made
     it skip every batch). Its last result line is often lost at exit (the log is written by a thread
     that is not flushed), so a batch-1 run follows the measured one and is discarded. Medians of the
-    per-run rates.
+    per-run rates. ``repack`` off = no extra buffer types (ggml's AMX and repacked-weight layouts).
     """
     base = [str(model), "-t", str(threads)]
     proc = subprocess.run([str(lc.tool("llama-bench")), "-m", *base, "-p", str(prompt), "-n", str(gen),
-                           "-r", str(repeats), "-o", "json"], capture_output=True, text=True)
+                           "-r", str(repeats), "-o", "json", "--repack", str(int(repack))],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise LlamaCppError(f"llama-bench on {model} failed (exit {proc.returncode}): "
                             f"{proc.stderr.strip().splitlines()[-1:] or ''}")
@@ -300,12 +301,14 @@ def bench(lc: LlamaCpp, model: Path, threads: int, repeats: int, prompt: int, ge
               "ttft_s": pp_ms / 1000, "prefill_tok_s": statistics.median(pp["samples_ts"]),
               "weight_bytes": int(tg["model_size"]), "n_params": int(tg["model_n_params"]),
               "llama_cpp_commit": tg.get("build_commit", "unknown"), "threads": threads,
-              "cpu_info": tg.get("cpu_info", "")}
+              "cpu_info": tg.get("cpu_info", ""), "repack": repack}
     rates = []
     for _ in range(repeats):
         proc = subprocess.run([str(lc.tool("llama-batched-bench")), "-m", *base, "-c", "0",
                                "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen),
-                               "-npl", f"{batch},1", "--output-format", "jsonl"], capture_output=True, text=True)
+                               "-npl", f"{batch},1", "--output-format", "jsonl",
+                               "--repack" if repack else "--no-repack"],
+                              capture_output=True, text=True)
         line = next((r for r in map(_json_or_none, proc.stdout.splitlines()) if r and r.get("pl") == batch), None)
         if proc.returncode != 0 or line is None:
             raise LlamaCppError(f"llama-batched-bench on {model} gave no result (exit {proc.returncode}; it "
