@@ -13,7 +13,7 @@ CPU_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc)
 EXT_STAMP := $(VENV)/.ext-built
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-tiers test-slow test-ascend lint clean-venv
+.PHONY: env demo test test-tiers test-slow test-ascend lint clean-venv bench-e2e-peer npu-check
 
 env: $(EXT_STAMP)
 
@@ -81,6 +81,13 @@ test-ascend: $(ASCEND_STAMP)
 
 test-slow: env
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Opt-in, not part of `make test`: the end-to-end benchmark with the llama.cpp peer on a 12-layer
+# Qwen3-1.7B-shaped model. The first run downloads llama-cpp-python's sdist from PyPI and builds llama.cpp
+# (~7 min on 2 cores, cached in ~/.cache/gptq-ascend). More flags: make bench-e2e-peer E2E_ARGS="--rounds 2".
+E2E_ARGS ?=
+bench-e2e-peer: env
+	$(PY) -m benchmarks.e2e --layers 12 --peer --json out/e2e/e2e-peer.json --plot out/e2e/e2e-peer.png $(E2E_ARGS)
 
 lint: env
 	$(VENV)/bin/ruff check .
