@@ -250,3 +250,11 @@ def test_prompts_use_the_tokenizer_and_its_bos(tmp_path):
         assert (f"BOS {bos_id} first" in how) == bos
     prompts, how = e2e.build_prompts(str(tmp_path), 2, 16)  # no tokenizer: fixed ids
     assert how == "fixed token ids (model has no tokenizer)" and len({tuple(p) for p in prompts}) == 2
+
+
+def test_llama_repack_choice():
+    # ggml's AMX matmul crashed on the AMX Xeon (llama.cpp 0c1e570): auto keeps llama.cpp off it there.
+    assert e2e.llama_repack("auto", {"avx512f", "amx_int8", "amx_bf16"}) is False
+    assert e2e.llama_repack("auto", {"avx2", "fma", "f16c"}) is True
+    assert e2e.llama_repack("on", {"amx_int8"}) is True and e2e.llama_repack("off", set()) is False
+    assert e2e.llama_repack("auto") is ("amx_int8" not in this_cpu_flags())
