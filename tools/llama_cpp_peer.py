@@ -142,9 +142,13 @@ def _which(name: str) -> bool:
 def import_gguf(lc: LlamaCpp) -> ModuleType:
     """The gguf-py package that ships inside the sdist (no pip install, no dependency)."""
     path = str(lc.source / "gguf-py")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import gguf
+    # Only while importing: gguf-py also holds a top-level `tests` package, which would shadow this
+    # project's tests/ for every later import (and for vLLM's spawned workers, which inherit sys.path).
+    sys.path.insert(0, path)
+    try:
+        import gguf
+    finally:
+        sys.path.remove(path)
 
     if not str(Path(gguf.__file__).resolve()).startswith(str(Path(path).resolve())):
         raise LlamaCppError(f"an installed gguf package ({gguf.__file__}) shadows the one in {path}")
