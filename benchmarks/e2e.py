@@ -10,6 +10,8 @@ it once (cached in --workdir, keyed by the checkpoint's path, sizes and mtimes) 
 
 Modes, each in its own process (so peak RSS and start-up are that mode's alone), one after the other:
   online-int8, online-int4  vLLM, --quantization gptq_ascend, activations in --dtype
+  online-int8-head8, -int4-head8  the same with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD_INT8=1),
+                            like llama.cpp's quantized files, whose output matrix is quantized too
   offline-bf16, -fp16, -fp32  vLLM, the converted dense checkpoint loaded in that dtype
   llama-bf16, -q8_0, -q4_0  llama.cpp (tools/llama_cpp_peer.py: built from PyPI's llama-cpp-python source,
                             cached): the converted checkpoint written as a BF16 GGUF bit for bit, then
@@ -48,11 +50,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 SHORT = {v: k for k, v in DTYPES.items()}
-VLLM_MODES = ("online-int8", "online-int4", "offline-bf16", "offline-fp16", "offline-fp32")
+VLLM_MODES = ("online-int8", "online-int4", "online-int8-head8", "online-int4-head8", "offline-bf16", "offline-fp16",
+              "offline-fp32")
+# `-head8`: the same online mode with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD_INT8=1). llama.cpp's
+# Q8_0 / Q4_0 files quantize the tied output matrix too (Q8_0 / Q6_K), so this is the like-for-like
+# column against them; the plain online modes keep the checkpoint's dense lm_head.
+HEAD8 = "-head8"
+LM_HEAD_INT8_ENV = "GPTQ_ASCEND_LM_HEAD_INT8"
 LLAMA_MODES = {"llama-bf16": None, "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
 ALL_MODES = VLLM_MODES + tuple(LLAMA_MODES)
 DEFAULT_CPU_MODES = ("online-int8", "online-int4", "offline-bf16", "offline-fp32")
 PROMPT_LEN = 128
+
+
+def base_mode(mode: str) -> str:
+    """The checkpoint a mode runs: ``online-int8-head8`` runs ``online-int8``'s."""
+    return mode.removesuffix(HEAD8)
+
 # Long enough to give 128 tokens with any tokenizer; each prompt gets its own number first so that no
 # two prompts of a batch share a prefix.
 PROMPT_TEXT = ("The harbour was quiet that morning. Fishing boats rocked against the pier while the "
@@ -196,7 +210,7 @@ def prepare(args: argparse.Namespace, modes: list[str]) -> dict[str, Path]:
         cfg = read_quant(args.model)
         bits = int(cfg["quantization_config"]["bits"])
         for m in modes:
-            if m.startswith("online-") and m != f"online-int{bits}":
+            if m.startswith("online-") and base_mode(m) != f"online-int{bits}":
                 raise E2EError(f"{args.model / 'config.json'}: a {bits}-bit checkpoint cannot run mode {m} "
                                f"(use online-int{bits})")
         paths[f"gptq-int{bits}"] = args.model
@@ -207,7 +221,7 @@ def prepare(args: argparse.Namespace, modes: list[str]) -> dict[str, Path]:
     else:
         tag = f"qwen3-1.7b-l{args.layers}" + (f"-v{args.vocab}" if args.vocab else "")
         for bits in (8, 4):
-            if f"online-int{bits}" in modes or (bits == 8 and dense_needed):
+            if f"online-int{bits}" in map(base_mode, modes) or (bits == 8 and dense_needed):
                 out = wd / f"{tag}-gptq-int{bits}"
                 if not out.exists():
                     cmd = [sys.executable, str(ROOT / "tools" / "make_synthetic_gptq.py"), str(out),
@@ -312,6 +326,13 @@ def vllm_worker(args: argparse.Namespace) -> dict:
                 n = getattr(m, "output_size_per_partition", getattr(m, "output_size", 0))
                 k = getattr(m, "input_size_per_partition", getattr(m, "input_size", 0))
                 total += n * k * w.element_size()
+            # The opt-in int8 lm_head keeps its packed copy on the quant method, beside the dense weight
+            # the tied embedding still reads.
+            packed = getattr(getattr(m, "quant_method", None), "_packed", None)
+            for t in getattr(packed, "tensors", {}).values():
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
         return total
 
     weights = sum(llm.apply_model(weight_bytes))
@@ -328,6 +349,8 @@ def vllm_worker(args: argparse.Namespace) -> dict:
     timed(1, 4)  # warm-up
     result = {"mode": mode, "dtype": dtype, "device": args.device, "enforce_eager": args.enforce_eager,
               "startup_s": startup, "weight_bytes": weights, "prompt": prompt_how}
+    if online:
+        result["lm_head"] = "int8 per row (opt-in)" if os.environ.get(LM_HEAD_INT8_ENV) == "1" else "checkpoint's dense"
     if online and args.device == "cpu":
         from gptq_ascend.backends.cpu import kernel_config
 
@@ -374,6 +397,9 @@ def llama_worker(args: argparse.Namespace) -> dict:
 
 def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bool) -> dict:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop(LM_HEAD_INT8_ENV, None)  # only the -head8 modes run the int8 lm_head, whatever the shell says
+    if mode.endswith(HEAD8):
+        env[LM_HEAD_INT8_ENV] = "1"
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
     cmd = [sys.executable, "-m", "benchmarks.e2e", "--worker", mode, "--model", str(model),
@@ -424,7 +450,7 @@ def ratios(results: list[dict], batch: int = 1) -> list[str]:
             continue
         if best:
             lines.append(f"{label(r)} / {label(best)} (best dense vLLM): {r[key] / best[key]:.2f}x")
-        peer = {"online-int8": "llama-q8_0", "online-int4": "llama-q4_0"}.get(r["mode"])
+        peer = {"online-int8": "llama-q8_0", "online-int4": "llama-q4_0"}.get(base_mode(r["mode"]))
         if peer in by:
             lines.append(f"{label(r)} / {peer}: {r[key] / by[peer][key]:.2f}x")
     return lines
@@ -535,6 +561,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peer:
         modes += [m for m in LLAMA_MODES if m not in modes]
     if args.device == "npu":
+        # the int8 lm_head is a CPU-backend feature: no -head8 modes there
         wrong = [m for m in modes if m not in ("online-int8", "online-int4", "offline-fp16", "offline-bf16")]
         if wrong:
             ap.error(f"--device npu runs online-intN and offline-fp16/bf16 only, not {', '.join(wrong)}")
@@ -557,7 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(args, modes)
     model_for = {m: paths[m] if m in LLAMA_MODES else
-                 paths[m.replace("online-", "gptq-")] if m.startswith("online-") else paths["dense"] for m in modes}
+                 paths[base_mode(m).replace("online-", "gptq-")] if m.startswith("online-") else paths["dense"]
+                 for m in modes}
     # enforce_eager values to run: on CPU the one asked for; on NPU eager and graph unless told eager only.
     graph_variants = [args.enforce_eager] if args.device == "cpu" or args.enforce_eager else [True, False]
     runs: dict[str, list[dict]] = {}

@@ -171,6 +171,14 @@ def test_mode_lists():
     assert e2e.parse_args(["--device", "npu", "--model", str(FIXTURES / "qwen3-int8-g128-sym")]).mode_list == [
         "online-int8", "offline-fp16"]
     assert e2e.parse_args(["--device", "npu"]).batches == "1,8,64"
+    # -head8 runs the same checkpoint as its online mode, and is compared with the same llama.cpp peer.
+    args = e2e.parse_args(["--modes", "online-int8-head8,online-int4-head8"])
+    assert [e2e.base_mode(m) for m in args.mode_list] == ["online-int8", "online-int4"]
+    lines = e2e.ratios([{"mode": "online-int8-head8", "decode_tok_s_b1": 3.0},
+                        {"mode": "llama-q8_0", "decode_tok_s_b1": 2.0},
+                        {"mode": "offline-bf16", "decode_tok_s_b1": 1.5}])
+    assert lines == ["online-int8-head8 / offline-bf16 (best dense vLLM): 2.00x",
+                     "online-int8-head8 / llama-q8_0: 1.50x"]
     assert e2e.parse_args([]).batches == "1,8"
 
 
@@ -181,6 +189,7 @@ def test_mode_lists():
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--model", "/nonexistent/dir"], "no config.json there"),
     (["--device", "npu", "--modes", "llama-q8_0"], "--device npu runs online-intN and offline-fp16/bf16 only"),
+    (["--device", "npu", "--modes", "online-int8-head8"], "--device npu runs online-intN and offline-fp16/bf16 only"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
