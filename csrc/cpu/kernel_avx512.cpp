@@ -157,19 +157,16 @@ ALWAYS_INLINE void dpbusd_bcast(__m512& acc, __m512i w, const int32_t* x) {
 // The group's zero-point term (z + cb) * X[r, g] goes with its first chunk only: MR * 4 fnmadds here
 // instead of a load-fnmadd-store pass over the block's totals per group.
 template <int MR, class D, bool kDecode>
-ALWAYS_INLINE void dot_tile(const GemmArgs& a, const GroupTerms& t, const RegTile& rt) {
+ALWAYS_INLINE void dot_tile(const GemmArgs& a, const RegTile& rt) {
   constexpr int kPfLines = D::kPairBytes / 64;
   // Locals, not a.* / rt.* in the loop: the scratch stores (__m512i may alias anything) would make the
   // compiler reload them every k-pair.
-  const int64_t M = a.M, G = a.G, np = rt.np;
+  const int64_t M = a.M, np = rt.np;
   const uint8_t* codes = rt.codes;
   __m512i* w = static_cast<__m512i*>(rt.scratch);
   const bool keep = kDecode && rt.ntiles > 1;
   const char* pf = reinterpret_cast<const char*>(codes + np * D::kPairBytes);
   const uint32_t* xp = a.xp + (rt.ck / 2) * M + rt.m0;
-  const float* xs = a.xsum + rt.m0 * G + rt.g;
-  float* total = rt.total;
-  const __m512* zc = rt.first_chunk ? t.zc : nullptr;
   __m512 acc[MR][kV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -190,7 +187,7 @@ ALWAYS_INLINE void dot_tile(const GemmArgs& a, const GroupTerms& t, const RegTil
       for (int v = 0; v < kV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)wv[v], xb);
     }
   }
-  fold_rows<MR>(acc, t.s, zc, xs, G, total);
+  fold_group<MR>(a, rt, D::kCodeBias, rt.first_chunk, acc);
 }
 
 template <class D>
@@ -199,14 +196,10 @@ struct TiledBf16 : Avx512Policy {
   static constexpr int kMaxMR = 6;
   static constexpr int64_t kChunkPairs = kChunk;
   static constexpr size_t kScratchBytes = kChunk * kV * sizeof(__m512i);
-  static ALWAYS_INLINE void group_begin(const GemmArgs& a, int64_t b, int64_t g, int64_t, int64_t, const uint8_t*,
-                                        Terms& t) {
-    load_group_terms(a, b, g, D::kCodeBias, t.s, t.zc);
-  }
   template <int MR>
-  static ALWAYS_INLINE void tile(const GemmArgs& a, const Terms& t, const RegTile& rt) {
-    if (rt.t == 0) dot_tile<MR, D, true>(a, t, rt);
-    else dot_tile<MR, D, false>(a, t, rt);
+  static ALWAYS_INLINE void tile(const GemmArgs& a, const Terms&, const RegTile& rt) {
+    if (rt.t == 0) dot_tile<MR, D, true>(a, rt);
+    else dot_tile<MR, D, false>(a, rt);
   }
 };
 
@@ -246,7 +239,7 @@ struct DecF32I4 {
 };
 
 template <int MR>
-ALWAYS_INLINE void fma_tile(const __m512* w, int64_t np, const float* xt, int64_t ldt, float* total, const __m512* s,
+ALWAYS_INLINE void fma_tile(const __m512* s, float* total, const __m512* w, int64_t np, const float* xt, int64_t ldt,
                             const char* pf, int pf_lines) {
   __m512 acc[MR][kV];
   for (int r = 0; r < MR; ++r)
@@ -277,24 +270,33 @@ struct TiledF32 : Avx512Policy {
   static constexpr int kMaxMR = 6;
   static constexpr int64_t kChunkPairs = kChunkF32;
   static constexpr size_t kScratchBytes = kChunkF32 * 2 * kV * sizeof(__m512);
+  struct Terms {
+    __m512 s[kV];
+  };
   static ALWAYS_INLINE void group_begin(const GemmArgs& a, int64_t b, int64_t g, int64_t, int64_t, const uint8_t*,
                                         Terms& t) {
-    load_group_terms(a, b, g, 0.f, t.s, t.zc);
+    __m512 zc[kV];
+    load_group_terms(a, b, g, 0.f, t.s, zc);
   }
   static ALWAYS_INLINE void chunk_begin(const GemmArgs&, const Terms&, const RegTile& rt) {
+    // Locals: the scratch stores (__m512 may alias anything) would reload rt.* every k-pair.
+    const int64_t np = rt.np;
+    const uint8_t* codes = rt.codes;
     __m512* w = static_cast<__m512*>(rt.scratch);
-    for (int64_t p = 0; p < rt.np; ++p) D::decode(rt.codes + p * kPairBytes, w + p * 2 * kV);
+    for (int64_t p = 0; p < np; ++p) D::decode(codes + p * kPairBytes, w + p * 2 * kV);
   }
   template <int MR>
   static ALWAYS_INLINE void tile(const GemmArgs& a, const Terms& t, const RegTile& rt) {
     // The first tile prefetches the next chunk's codes.
     const char* pf = rt.t == 0 ? reinterpret_cast<const char*>(rt.codes + rt.np * kPairBytes) : nullptr;
-    fma_tile<MR>(static_cast<const __m512*>(rt.scratch), rt.np, a.xt + rt.ck * a.M + rt.m0, a.M, rt.total, t.s, pf,
+    fma_tile<MR>(t.s, rt.total, static_cast<const __m512*>(rt.scratch), rt.np, a.xt + rt.ck * a.M + rt.m0, a.M, pf,
                  kPairBytes / 64);
   }
-  static ALWAYS_INLINE void group_end(const GemmArgs& a, int64_t, int64_t g, const Terms& t, float* total) {
+  static ALWAYS_INLINE void group_end(const GemmArgs& a, int64_t b, int64_t g, const Terms&, float* total) {
+    __m512 s[kV], zc[kV];
+    load_group_terms(a, b, g, 0.f, s, zc);
     for (int v = 0; v < kV; ++v) {
-      const __m512 szc = _mm512_mul_ps(t.s[v], t.zc[v]);
+      const __m512 szc = _mm512_mul_ps(s[v], zc[v]);
       for (int64_t m = 0; m < a.M; ++m) {
         float* p = total + m * kBlockN + 16 * v;
         _mm512_storeu_ps(p, _mm512_fnmadd_ps(szc, _mm512_set1_ps(a.xsum[m * a.G + g]), _mm512_loadu_ps(p)));
@@ -318,9 +320,8 @@ struct TiledF32 : Avx512Policy {
 // CPU time).
 // ------------------------------------------------------------------------------------------------
 template <int MR>
-ALWAYS_INLINE void vnni_tile(const uint8_t* cp, int64_t nquads, const int32_t* xq, int64_t ldq, int64_t g, int64_t G,
-                             const float* xsum, const float* xscale, const __m512* s, const __m512* z, float* total,
-                             const char* pf) {
+ALWAYS_INLINE void vnni_tile(const GemmArgs& a, const RegTile& rt, const uint8_t* cp, int64_t nquads, const int32_t* xq,
+                             int64_t ldq, const char* pf) {
   const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
                                               38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   // int32 accumulators, held as __m512 (GCC 12 keeps an array of __m512 in registers more readily).
@@ -335,18 +336,23 @@ ALWAYS_INLINE void vnni_tile(const uint8_t* cp, int64_t nquads, const int32_t* x
     }
     __m512i w[kV];
     for (int v = 0; v < kV; ++v) {
-      const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + 32 * v)));
-      const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + 32 * v)));
-      w[v] = _mm512_permutex2var_epi16(a, interleave, b);  // dword i = q(k..k+3) of column 16v + i
+      const __m512i q0 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + 32 * v)));
+      const __m512i q1 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + 32 * v)));
+      w[v] = _mm512_permutex2var_epi16(q0, interleave, q1);  // dword i = q(k..k+3) of column 16v + i
     }
     const int32_t* xr = xq + q * ldq;
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < kV; ++v) dpbusd_bcast(acc[r][v], w[v], xr + r);
   }
+  __m512 s[kV], z[kV];  // loaded after the loop: no registers taken from the accumulators
+  load_group_terms(a, rt.b, rt.g, 0.f, s, z);
+  const int64_t G = a.G;
+  const float* xsum = a.xsum + rt.m0 * G + rt.g;
+  const float* xscale = a.xscale + rt.m0 * G + rt.g;
   for (int r = 0; r < MR; ++r) {
-    const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
-    const __m512 sx = _mm512_set1_ps(xscale[r * G + g]);
-    float* t = total + r * kBlockN;
+    const __m512 xs = _mm512_set1_ps(xsum[r * G]);
+    const __m512 sx = _mm512_set1_ps(xscale[r * G]);
+    float* t = rt.total + r * kBlockN;
     for (int v = 0; v < kV; ++v) {
       const __m512 d = _mm512_fnmadd_ps(z[v], xs, _mm512_cvtepi32_ps(_mm512_castps_si512(acc[r][v])));
       _mm512_storeu_ps(t + 16 * v, _mm512_fmadd_ps(_mm512_mul_ps(s[v], sx), d, _mm512_loadu_ps(t + 16 * v)));
@@ -358,16 +364,11 @@ struct W8A8 : Avx512Policy {
   static constexpr int kPairBytes = 2 * kBlockN;
   static constexpr int kMaxMR = 6;
   static constexpr int64_t kChunkPairs = 0;
-  static ALWAYS_INLINE void group_begin(const GemmArgs& a, int64_t b, int64_t g, int64_t, int64_t, const uint8_t*,
-                                        Terms& t) {
-    load_group_terms(a, b, g, 0.f, t.s, t.zc);
-  }
   template <int MR>
-  static ALWAYS_INLINE void tile(const GemmArgs& a, const Terms& t, const RegTile& rt) {
+  static ALWAYS_INLINE void tile(const GemmArgs& a, const Terms&, const RegTile& rt) {
     // The first tile prefetches the next group's codes.
     const char* pf = rt.t == 0 ? reinterpret_cast<const char*>(rt.codes + rt.np * kPairBytes) : nullptr;
-    vnni_tile<MR>(rt.codes, rt.np / 2, a.xq4 + (rt.ck / 4) * a.M + rt.m0, a.M, rt.g, a.G, a.xsum + rt.m0 * a.G,
-                  a.xscale + rt.m0 * a.G, t.s, t.zc, rt.total, pf);
+    vnni_tile<MR>(a, rt, rt.codes, rt.np / 2, a.xq4 + (rt.ck / 4) * a.M + rt.m0, a.M, pf);
   }
 };
 
