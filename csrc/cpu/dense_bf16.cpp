@@ -7,7 +7,8 @@
 //     used in place: no copy, no repack); bias [N] or None. Returns [..., N] in x's dtype, computed as a
 //     correct dense GEMM does (exact products, fp32 sums, one rounding). Built for M <= ~16 rows (the
 //     weight is streamed once per call, the rows are re-read from cache per row tile); correct for any M.
-//     The fake implementation is registered from Python (gptq_ascend/backends/cpu.py).
+//   cpu_dense_gemm.out(..., *, Tensor(a!) out) -> Tensor(a!)     out: contiguous, x's dtype, [..., N]
+//     The fake implementations are registered from Python (gptq_ascend/backends/cpu.py).
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -55,8 +56,9 @@ bool dense_prefetch() {
   return on;
 }
 
-at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const char* op = "gptq_ascend::cpu_dense_gemm";
+// Checks x / weight / bias; returns the output shape and the fp32 bias (undefined when there is none).
+std::vector<int64_t> check_dense(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, at::Tensor& bias32) {
   TORCH_CHECK(weight.device().is_cpu() && x.device().is_cpu(), op, ": x and weight must be CPU tensors, got ",
               x.device(), " and ", weight.device());
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2, op,
@@ -71,7 +73,6 @@ at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c
               ": x must be float32, bfloat16 or float16, got ", st);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x must have shape [..., ", K, "] (weight's in_features), got ",
               x.sizes());
-  at::Tensor bias32;
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == N, op,
                 ": bias must be a 1-D floating-point CPU tensor of ", N, " (out_features), got ", bias->scalar_type(),
@@ -80,10 +81,16 @@ at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
+  return shape;
+}
+
+void dense_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias32, at::Tensor& out) {
+  const char* op = "gptq_ascend::cpu_dense_gemm";
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const auto st = x.scalar_type();
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
-  if (M == 0) return out;
+  if (M == 0) return;
 
   const Config cfg = current_config();
   const bool dot = cfg.isa == Isa::Avx512 && cfg.bf16_dot && st == at::kBFloat16;
@@ -97,7 +104,7 @@ at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c
   if (dot) a.xb = reinterpret_cast<const uint16_t*>(xk.data_ptr<at::BFloat16>());
   else a.xf = xk.data_ptr<float>();
   a.ldx = K;
-  a.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
+  a.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   a.out = out.data_ptr();
   a.ldo = N;
   a.out_type = out_type_of(st);
@@ -118,6 +125,27 @@ at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c
   });
   TORCH_CHECK(ok.load(), op, ": the ", isa == Isa::Avx512 ? "AVX-512" : "AVX2",
               " kernel is not compiled into this build");
+}
+
+at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  at::Tensor bias32;
+  const auto shape = check_dense("gptq_ascend::cpu_dense_gemm", x, weight, bias, bias32);
+  at::Tensor out = at::empty(shape, x.options());
+  dense_into(x, weight, bias32, out);
+  return out;
+}
+
+at::Tensor& cpu_dense_gemm_out(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               at::Tensor& out) {
+  const char* op = "gptq_ascend::cpu_dense_gemm.out";
+  at::Tensor bias32;
+  const auto shape = check_dense(op, x, weight, bias, bias32);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == x.scalar_type() && out.is_contiguous(), op,
+              ": out must be a contiguous CPU tensor of x's dtype ", x.scalar_type(), ", got ", out.scalar_type(),
+              out.is_contiguous() ? "" : " (not contiguous)", " on ", out.device());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), op, ": out must have shape ", at::IntArrayRef(shape), ", got ",
+              out.sizes());
+  dense_into(x, weight, bias32, out);
   return out;
 }
 
@@ -129,6 +157,10 @@ at::Tensor cpu_dense_gemm(const at::Tensor& x, const at::Tensor& weight, const c
 // kernels, and ops.cpp needs no change.
 TORCH_LIBRARY_FRAGMENT(gptq_ascend, m) {
   m.def("cpu_dense_gemm(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("cpu_dense_gemm.out(Tensor x, Tensor weight, Tensor? bias=None, *, Tensor(a!) out) -> Tensor(a!)");
 }
 
-TORCH_LIBRARY_IMPL(gptq_ascend, CPU, m) { m.impl("cpu_dense_gemm", &gptq_cpu::host::cpu_dense_gemm); }
+TORCH_LIBRARY_IMPL(gptq_ascend, CPU, m) {
+  m.impl("cpu_dense_gemm", &gptq_cpu::host::cpu_dense_gemm);
+  m.impl("cpu_dense_gemm.out", &gptq_cpu::host::cpu_dense_gemm_out);
+}

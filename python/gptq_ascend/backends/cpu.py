@@ -71,6 +71,10 @@ def _register_fakes() -> None:
         def _dense_fake(x, weight, bias=None):
             return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+        @torch.library.register_fake(f"{lib}::cpu_dense_gemm.out")
+        def _dense_out_fake(x, weight, bias=None, *, out):
+            return out
+
 
 if _IMPORT_ERROR is None:
     _register_fakes()
