@@ -43,12 +43,13 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def make_methods(v: int, h: int, m: int, fp32: bool, onednn: bool, why: list[str]) -> dict:
+def make_methods(v: int, h: int, m: int, fp32: bool, onednn: bool, why: list[str], linear: bool = True) -> dict:
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(v, h, generator=gen) * 0.02).to(torch.bfloat16)
     x = torch.randn(m, h, generator=gen).to(torch.bfloat16)
-    methods = {"ours": lambda: torch.ops.gptq_ascend.cpu_dense_gemm(x, w, None),
-               "linear": lambda: F.linear(x, w)}
+    methods = {"ours": lambda: torch.ops.gptq_ascend.cpu_dense_gemm(x, w, None)}
+    if linear:
+        methods["linear"] = lambda: F.linear(x, w)
     if fp32:
         w32, x32 = w.float(), x.float()
         methods["lin32"] = lambda: F.linear(x32, w32)
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; cells are medians (default 7)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32-weight F.linear column")
     ap.add_argument("--no-onednn", action="store_true", help="skip vLLM's oneDNN column")
+    ap.add_argument("--no-linear", action="store_true", help="skip the BF16 F.linear column (A/Bs of ours)")
     args = ap.parse_args(argv)
     from gptq_ascend.backends.cpu import dense_gemm_available, kernel_settings
 
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(nt)
         for m in (int(v) for v in args.m.split(",")):
             why: list[str] = []
-            methods = make_methods(args.vocab, args.hidden, m, not args.no_fp32, not args.no_onednn, why)
+            methods = make_methods(args.vocab, args.hidden, m, not args.no_fp32, not args.no_onednn, why,
+                                   not args.no_linear)
             res = time_rounds(methods, args.rounds)
             floor = res["floor"][0]
             ow, oc = res["ours"]

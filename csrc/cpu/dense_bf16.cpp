@@ -43,6 +43,18 @@ void portable_dense(const dense::DenseArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+// The AVX2 kernel's x layout (dense_bf16.h): each whole 16-chunk of a row even/odd-split, in place.
+void split16_x(float* x, int64_t M, int64_t K) {
+  float tmp[16];
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = x + m * K;
+    for (int64_t k = 0; k + 16 <= K; k += 16) {
+      for (int j = 0; j < 8; ++j) tmp[j] = row[k + 2 * j], tmp[8 + j] = row[k + 2 * j + 1];
+      std::memcpy(row + k, tmp, sizeof tmp);
+    }
+  }
+}
+
 }  // namespace
 
 namespace host {
@@ -95,6 +107,10 @@ void dense_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   const Config cfg = current_config();
   const bool dot = cfg.isa == Isa::Avx512 && cfg.bf16_dot && st == at::kBFloat16;
   at::Tensor xk = dot ? x2 : x2.to(at::kFloat).contiguous();  // bf16 / fp16 -> fp32 is exact
+  if (cfg.isa == Isa::Avx2) {
+    if (xk.data_ptr() == x2.data_ptr()) xk = xk.clone();  // fp32 x arrives as is: never permute the caller's
+    split16_x(xk.data_ptr<float>(), M, K);
+  }
   dense::DenseArgs a;
   a.M = M;
   a.N = N;

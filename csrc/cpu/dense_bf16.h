@@ -26,7 +26,10 @@ struct DenseArgs {
   int64_t M = 0, N = 0, K = 0;
   const uint16_t* w = nullptr;  // [N][ldw] bf16 bits
   int64_t ldw = 0;
-  const float* xf = nullptr;     // [M][ldx] fp32 (the FMA paths: bf16/fp16 activations widened exactly)
+  // [M][ldx] fp32 (the FMA paths: bf16/fp16 activations widened exactly). For the AVX2 kernel each whole
+  // 16-element chunk is stored even/odd-split (x[k], x[k+2], .., x[k+14], x[k+1], .., x[k+15]: see
+  // split16_x); the last K % 16 elements stay in order.
+  const float* xf = nullptr;
   const uint16_t* xb = nullptr;  // [M][ldx] bf16 bits (the AVX512-BF16 dot path)
   int64_t ldx = 0;
   const float* bias = nullptr;   // [N] fp32 or null

@@ -2,11 +2,14 @@
 // where vLLM's oneDNN matmul primitive cannot be created and vLLM falls back to torch's BF16 linear
 // (no native BF16 dot product there). Only this unit gets the AVX2 target flags. No torch header.
 //
-// Same shape as the AVX-512 kernel (dense_bf16_avx512.cpp) within 16 ymm registers: NR = 4 weight rows
-// per tile, row tiles of MR <= 2 activation rows (8 accumulators + 4 weight registers + 1 activation).
-// bf16 -> fp32 is vpmovzxwd + a 16-bit shift (exact), then one FMA per 8 weights per activation row.
-// The next tile is software-prefetched one line per row per 64 bytes consumed. The K tail (K % 8) is a
-// scalar loop, summed after the vector lanes.
+// Within 16 ymm registers: NR = 3 weight rows per tile, row tiles of MR <= 4 activation rows (12
+// accumulators + 2 decoded weight registers; x is an FMA memory operand from L1), so M <= 4 decodes every
+// weight once. bf16 -> fp32 without a shuffle: a 32-byte load holds 8 (even, odd) pairs, `<< 16` and
+// `& 0xffff0000` give the even and odd weights exactly, and the host stores x even/odd-split per 16
+// elements to match (DenseArgs::xf, see dense_bf16.h). Then one FMA per 8 weights per activation row.
+// vpmovzxwd + shift (one shuffle per 8 weights, port 5 on Intel) measured slower at M = 4 and 8
+// (docs/notes/issue-11-lm-head.md). The next tile is software-prefetched one line per row per 64 bytes
+// consumed. The K tail (K % 16, natural order in x) is a scalar loop, summed after the vector lanes.
 #include <cstdlib>
 #include <cstring>
 
@@ -33,13 +36,8 @@ namespace {
 
 using dense::DenseArgs;
 
-constexpr int kNR = 4;
-constexpr int kMR = 2;
-
-ALWAYS_INLINE __m256 bf16x8_to_ps(const uint16_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
-}
+constexpr int kNR = 3;
+constexpr int kMR = 4;
 
 ALWAYS_INLINE float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,41 +45,38 @@ ALWAYS_INLINE float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
+// One 32-byte load = 16 bf16 weights; lane j holds w[2j] (low half) and w[2j+1] (high half), so a shift
+// left by 16 gives the even weights and a mask the odd ones, exactly, in fp32: 2 ALU ops per 16 weights,
+// no shuffle. x was stored even/odd-split per 16-chunk by the host (kDenseSplit16) to match.
 template <int NR, int MR>
 __attribute__((noinline)) void tile(const DenseArgs& a, int64_t n, int64_t m0, bool pf) {
   const int64_t K = a.K, ldw = a.ldw, ldx = a.ldx;
+  const int64_t K16 = K & ~int64_t{15};
   const uint16_t* w = a.w + n * ldw;
   const uint16_t* wn = w + NR * ldw;
   const float* x = a.xf + m0 * ldx;
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    if (pf)
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (pf && (k & 31) == 0)
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wn + r * ldw + k), _MM_HINT_T0);
-    for (int h = 0; h < 32; h += 8) {
-      __m256 wv[NR];
-      for (int r = 0; r < NR; ++r) wv[r] = bf16x8_to_ps(w + r * ldw + k + h);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
       for (int m = 0; m < MR; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k + h);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+        acc[r][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), acc[r][m]);
+        acc[r][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), acc[r][m]);
       }
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = bf16x8_to_ps(w + r * ldw + k);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-      for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
   for (int r = 0; r < NR; ++r) {
     const float b = a.bias ? a.bias[n + r] : 0.f;
     for (int m = 0; m < MR; ++m) {
       float s = hsum(acc[r][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_float(w[r * ldw + kk]) * x[m * ldx + kk];
+      for (int64_t kk = K16; kk < K; ++kk) s += bf16_to_float(w[r * ldw + kk]) * x[m * ldx + kk];
       store_out(a.out, a.out_type, (m0 + m) * a.ldo + n + r, s + b);
     }
   }
@@ -94,8 +89,12 @@ ALWAYS_INLINE void run_rows(const DenseArgs& a, int64_t n) {
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t mr = (a.M - m0) / (tiles - t);
     const bool pf = a.prefetch && t == 0;
-    if (mr == 1) tile<NR, 1>(a, n, m0, pf);
-    else tile<NR, 2>(a, n, m0, pf);
+    switch (mr) {
+      case 1: tile<NR, 1>(a, n, m0, pf); break;
+      case 2: tile<NR, 2>(a, n, m0, pf); break;
+      case 3: tile<NR, 3>(a, n, m0, pf); break;
+      default: tile<NR, 4>(a, n, m0, pf); break;
+    }
     m0 += mr;
   }
 }
@@ -109,7 +108,6 @@ bool dense_f32(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (n1 - n) {
     case 1: run_rows<1>(a, n); break;
     case 2: run_rows<2>(a, n); break;
-    case 3: run_rows<3>(a, n); break;
     default: break;
   }
   return true;
