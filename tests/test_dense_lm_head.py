@@ -19,7 +19,16 @@ pytest.importorskip("vllm")
 
 from gptq_ascend.errors import ConfigError  # noqa: E402
 from gptq_ascend.vllm_plugin import compat  # noqa: E402
-from gptq_ascend.vllm_plugin.lm_head import DENSE_MAX_M, LM_HEAD_ENV, LM_HEAD_INT8_ENV, lm_head_mode  # noqa: E402
+from gptq_ascend.vllm_plugin.lm_head import (  # noqa: E402
+    DENSE_MAX_M,
+    DENSE_MAX_M_ONEDNN,
+    LM_HEAD_ENV,
+    LM_HEAD_INT8_ENV,
+    DenseLMHeadMethod,
+    lm_head_mode,
+)
+
+from .test_cpu_kernel import ISAS  # noqa: E402
 
 cpu_mod = pytest.importorskip("gptq_ascend.backends.cpu")
 
@@ -61,15 +70,7 @@ def test_vllm_dispatch_is_read_back(n, k):
 
     layer = _layer(n, k)
     dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    got = compat.cpu_dense_gemm_path(layer)
-    small = n * k * 2 <= 1 << 20 and k % 32 == 0 and n % 16 == 0
-    if _zentorch():
-        want = "zentorch"
-    elif small and torch.cpu._is_amx_tile_supported():
-        want = "sgl"
-    else:
-        want = "onednn" if _onednn_builds(layer.weight) else "torch"
-    assert got == want
+    assert compat.cpu_dense_gemm_path(layer) == _expected_vllm_path(layer)
     x = torch.randn(3, k).to(torch.bfloat16)  # and the closure read back is the one that computes
     y = layer.cpu_linear(x, layer.weight, None)
     ref = x.double() @ layer.weight.double().t()
@@ -95,6 +96,57 @@ def test_lm_head_mode_variables():
         assert lm_head_mode({LM_HEAD_ENV: m.upper(), LM_HEAD_INT8_ENV: "1"}) == m  # the new variable wins
     with pytest.raises(ConfigError, match=f"{LM_HEAD_ENV}='fast' is not one of auto, ours, vllm, int8"):
         lm_head_mode({LM_HEAD_ENV: "fast"})
+
+
+def _expected_vllm_path(layer: torch.nn.Module) -> str:
+    n, k = layer.weight.shape
+    small = n * k * layer.weight.element_size() <= 1 << 20 and k % 32 == 0 and n % 16 == 0
+    if _zentorch():
+        return "zentorch"
+    if small and torch.cpu._is_amx_tile_supported() and layer.weight.dtype == torch.bfloat16:
+        return "sgl"
+    return "onednn" if _onednn_builds(layer.weight) else "torch"
+
+
+@pytest.mark.parametrize("tier", [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS])
+@pytest.mark.parametrize("mode", ("auto", "ours"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=("bf16", "fp32"))
+def test_lm_head_method_decision(tier, mode, dtype, caplog):
+    """DenseLMHeadMethod on a real layer after vLLM's real dispatch: the choice follows the rules of
+    lm_head.py from what vLLM chose and the tier, apply() computes with the chosen path, and the
+    choice is logged."""
+    ok, why = cpu_mod.dense_gemm_available()
+    if not ok:
+        pytest.skip(why)
+    cpu_mod.kernel_config(tier)
+    try:
+        layer = _layer(1024, 1024, dtype)
+        qm = DenseLMHeadMethod(mode)
+        with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
+            qm.process_weights_after_loading(layer)
+        vpath = _expected_vllm_path(layer)
+        assert compat.cpu_dense_gemm_path(layer) == vpath
+        bf16_dot = tier == "avx512vbmi"  # the only one of these tiers with vdpbf16ps
+        if dtype != torch.bfloat16:
+            want = (False, None)
+        elif mode == "ours" or vpath == "torch":
+            want = (True, DENSE_MAX_M)
+        elif vpath == "onednn" and bf16_dot:
+            want = (True, DENSE_MAX_M_ONEDNN)
+        else:
+            want = (False, None)
+        assert (qm.ours, qm.max_m if qm.ours else None) == want
+        assert any("gptq_ascend: lm_head 1024 x 1024" in r.getMessage() for r in caplog.records)
+        gen = torch.Generator().manual_seed(4)
+        for m in (1, DENSE_MAX_M_ONEDNN, DENSE_MAX_M_ONEDNN + 1, DENSE_MAX_M + 1):
+            x = torch.randn(m, 1024, generator=gen).to(dtype)
+            y = qm.apply(layer, x)
+            if qm.ours and m <= qm.max_m:
+                assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight, None))
+            else:
+                assert torch.equal(y, layer.cpu_linear(x, layer.weight, None))
+    finally:
+        cpu_mod.kernel_config("reset")
 
 
 def test_dense_gemm_matches_vllm_fallback_numerics():

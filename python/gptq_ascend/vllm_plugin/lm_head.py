@@ -3,11 +3,14 @@
 GPTQ checkpoints leave the lm_head dense (Qwen3-1.7B ties it to its 151936 x 2048 embedding: 0.62 GB of
 BF16, about a third of the bytes a decoded token reads). ``GPTQ_ASCEND_LM_HEAD`` picks how it runs:
 
-* ``auto`` (default): our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp) for BF16 weights and
-  M <= ``DENSE_MAX_M`` rows where vLLM's own dense path is the ``torch.nn.functional.linear`` fallback
-  (AVX2-only CPUs, where oneDNN cannot create its matmul primitive and torch's BF16 GEMM has no native
-  dot product), else vLLM's. The numerics are the checkpoint's either way (exact products, fp32 sums,
-  one rounding; only the summation order differs).
+* ``auto`` (default), for BF16 weights: our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp)
+  for M <= ``DENSE_MAX_M`` rows where vLLM's own dense path is the ``torch.nn.functional.linear``
+  fallback (AVX2-only CPUs, where oneDNN cannot create its matmul primitive and torch's BF16 GEMM has no
+  native dot product: ours measured 2.1-3.5x faster at M = 1-8), and for M <= ``DENSE_MAX_M_ONEDNN``
+  where vLLM's path is oneDNN and the kernel tier has AVX512-BF16 (ours measured 1.7-2.6x faster at
+  M = 1 and 4, about even at M = 8; docs/notes/issue-11-lm-head.md); vLLM's path otherwise. The
+  numerics are the checkpoint's either way (exact products, fp32 sums, one rounding; only the summation
+  order differs).
 * ``ours``: our GEMV whenever the weight is BF16 (M <= DENSE_MAX_M), whatever vLLM would use (for tests
   and A/Bs on machines where oneDNN works).
 * ``vllm``: vLLM's method untouched.
@@ -39,6 +42,9 @@ LM_HEAD_MODES = ("auto", "ours", "vllm", "int8")
 # once and re-reads it from cache per 4 (AVX-512) / 2 (AVX2) rows, so its cost grows with M where a
 # blocked GEMM's does not (measured: docs/notes/issue-11-lm-head.md); decode batches are far below it.
 DENSE_MAX_M = 16
+# Where vLLM's path is oneDNN: ours streams the weight at the memory floor at M = 1 and stays below it
+# to M = 4 with vdpbf16ps, where oneDNN ran 1.7-2.6x slower; at M = 8 the two were even.
+DENSE_MAX_M_ONEDNN = 4
 logger = logging.getLogger("vllm.gptq_ascend")
 _ROWS_PER_CHUNK = 8192  # bounds the fp32 temporary of the quantization (8192 x H x 4 bytes)
 
@@ -116,13 +122,15 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
 
 
 class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
-    """vLLM's dense lm_head method; ``apply`` through ``cpu_dense_gemm`` for M <= DENSE_MAX_M when the
-    mode (``auto`` / ``ours``) and the weight allow it (decided at load, see the module docstring)."""
+    """vLLM's dense lm_head method; ``apply`` through ``cpu_dense_gemm`` for M <= ``max_m`` rows when the
+    mode (``auto`` / ``ours``), the weight and vLLM's own path make it the faster one (decided at load,
+    see the module docstring)."""
 
     def __init__(self, mode: str = "auto") -> None:
         super().__init__()
         self.mode = mode
         self.ours = False
+        self.max_m = DENSE_MAX_M
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)  # vLLM's own dispatch: its path for M > DENSE_MAX_M
@@ -140,6 +148,9 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
         elif vpath == "torch":
             self.ours, reason = True, ("vLLM's dense path is the torch.nn.functional.linear fallback (oneDNN "
                                        "could not create its matmul primitive on this CPU)")
+        elif vpath == "onednn" and kernel_settings().get("bf16_dot") == "1":
+            self.ours, self.max_m = True, DENSE_MAX_M_ONEDNN
+            reason = "vLLM's dense path is oneDNN, which ours outruns at small M with AVX512-BF16 (measured)"
         else:
             reason = f"vLLM's dense path is {vpath} ({LM_HEAD_ENV}=ours forces ours)"
         shape = " x ".join(map(str, w.shape))
@@ -148,12 +159,12 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
             kernel = ("vdpbf16ps" if s.get("bf16_dot") == "1" else "fp32 FMA") if s["isa"].startswith("avx512") \
                 else ("fp32 FMA" if s["isa"] == "avx2" else "portable")
             logger.info("gptq_ascend: lm_head %s (%s): our dense GEMV (cpu_dense_gemm, tier %s, %s) for M <= %d, "
-                        "vLLM's %s above: %s", shape, w.dtype, s["isa"], kernel, DENSE_MAX_M, vpath, reason)
+                        "vLLM's %s above: %s", shape, w.dtype, s["isa"], kernel, self.max_m, vpath, reason)
         else:
             logger.info("gptq_ascend: lm_head %s (%s): vLLM's own dense path (%s): %s", shape, w.dtype, vpath,
                         reason)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.ours and x.numel() <= DENSE_MAX_M * x.shape[-1]:
+        if self.ours and x.numel() <= self.max_m * x.shape[-1]:
             return torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight, bias)
         return super().apply(layer, x, bias)
