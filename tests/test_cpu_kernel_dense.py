@@ -155,3 +155,18 @@ def test_dense_bad_arguments(bad):
             torch.ops.gptq_ascend.cpu_dense_gemm(x, w, bias)
         else:
             torch.ops.gptq_ascend.cpu_dense_gemm.out(x, w, bias, out=out)
+
+
+def test_dense_op_registration_opcheck():
+    """The op's schema, fake (meta) implementation and autograd registration agree (torch.compile traces
+    it: vLLM may compile the lm_head call). Not the .out variant: functionalization refuses custom ops
+    with aliased outputs (cpu_gemm.out is not opchecked for the same reason)."""
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(100, 72, generator=gen).to(torch.bfloat16)
+    for dt in DTYPES:
+        x = torch.randn(2, 3, 72, generator=gen).to(dt)
+        torch.library.opcheck(torch.ops.gptq_ascend.cpu_dense_gemm.default, (x, w, None))
+    compiled = torch.compile(lambda a: torch.ops.gptq_ascend.cpu_dense_gemm(a, w, None), fullgraph=True,
+                             dynamic=True)
+    x = torch.randn(5, 72, generator=gen).to(torch.bfloat16)
+    assert torch.equal(compiled(x), torch.ops.gptq_ascend.cpu_dense_gemm(x, w, None))
