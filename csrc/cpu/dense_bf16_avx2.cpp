@@ -1,0 +1,128 @@
+// AVX2 + FMA kernel of the dense BF16-weight GEMV / small-M GEMM (dense_bf16.h): the path for CPUs
+// where vLLM's oneDNN matmul primitive cannot be created and vLLM falls back to torch's BF16 linear
+// (no native BF16 dot product there). Only this unit gets the AVX2 target flags. No torch header.
+//
+// Within 16 ymm registers: NR = 3 weight rows per tile, row tiles of MR <= 4 activation rows (12
+// accumulators + 2 decoded weight registers; x is an FMA memory operand from L1), so M <= 4 decodes every
+// weight once. bf16 -> fp32 without a shuffle: a 32-byte load holds 8 (even, odd) pairs, `<< 16` and
+// `& 0xffff0000` give the even and odd weights exactly, and the host stores x even/odd-split per 16
+// elements to match (DenseArgs::xf, see dense_bf16.h). Then one FMA per 8 weights per activation row.
+// vpmovzxwd + shift (one shuffle per 8 weights, port 5 on Intel) measured slower at M = 4 and 8
+// (docs/notes/issue-11-lm-head.md). The next tile is software-prefetched one line per row per 64 bytes
+// consumed. The K tail (K % 16, natural order in x) is a scalar loop, summed after the vector lanes.
+#include <cstdlib>
+#include <cstring>
+
+#include "dense_bf16.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace gptq_cpu {
+namespace {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "kernel_portable.inc"  // store_out, bf16_to_float (private copies for this ISA)
+#pragma GCC diagnostic pop
+
+using dense::DenseArgs;
+
+constexpr int kNR = 3;
+constexpr int kMR = 4;
+
+ALWAYS_INLINE float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// One 32-byte load = 16 bf16 weights; lane j holds w[2j] (low half) and w[2j+1] (high half), so a shift
+// left by 16 gives the even weights and a mask the odd ones, exactly, in fp32: 2 ALU ops per 16 weights,
+// no shuffle. x was stored even/odd-split per 16-chunk by the host (kDenseSplit16) to match.
+template <int NR, int MR>
+__attribute__((noinline)) void tile(const DenseArgs& a, int64_t n, int64_t m0, bool pf) {
+  const int64_t K = a.K, ldw = a.ldw, ldx = a.ldx;
+  const int64_t K16 = K & ~int64_t{15};
+  const uint16_t* w = a.w + n * ldw;
+  const uint16_t* wn = w + NR * ldw;
+  const float* x = a.xf + m0 * ldx;
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (pf && (k & 31) == 0)
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wn + r * ldw + k), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+      for (int m = 0; m < MR; ++m) {
+        acc[r][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), acc[r][m]);
+        acc[r][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float b = a.bias ? a.bias[n + r] : 0.f;
+    for (int m = 0; m < MR; ++m) {
+      float s = hsum(acc[r][m]);
+      for (int64_t kk = K16; kk < K; ++kk) s += bf16_to_float(w[r * ldw + kk]) * x[m * ldx + kk];
+      store_out(a.out, a.out_type, (m0 + m) * a.ldo + n + r, s + b);
+    }
+  }
+}
+
+template <int NR>
+ALWAYS_INLINE void run_rows(const DenseArgs& a, int64_t n) {
+  const int64_t tiles = (a.M + kMR - 1) / kMR;
+  int64_t m0 = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t mr = (a.M - m0) / (tiles - t);
+    const bool pf = a.prefetch && t == 0;
+    switch (mr) {
+      case 1: tile<NR, 1>(a, n, m0, pf); break;
+      case 2: tile<NR, 2>(a, n, m0, pf); break;
+      case 3: tile<NR, 3>(a, n, m0, pf); break;
+      default: tile<NR, 4>(a, n, m0, pf); break;
+    }
+    m0 += mr;
+  }
+}
+
+}  // namespace
+
+namespace dense::avx2 {
+bool dense_f32(const DenseArgs& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kNR <= n1; n += kNR) run_rows<kNR>(a, n);
+  switch (n1 - n) {
+    case 1: run_rows<1>(a, n); break;
+    case 2: run_rows<2>(a, n); break;
+    default: break;
+  }
+  return true;
+}
+}  // namespace dense::avx2
+}  // namespace gptq_cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64
+namespace gptq_cpu::dense::avx2 {
+bool dense_f32(const DenseArgs&, int64_t, int64_t) { return false; }
+}  // namespace gptq_cpu::dense::avx2
+#endif
