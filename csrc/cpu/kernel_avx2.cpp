@@ -106,6 +106,20 @@ ALWAYS_INLINE __m128i ps_to_bf16(__m256 v) {
   return _mm_unpacklo_epi64(_mm256_castsi256_si128(pk), _mm256_extracti128_si256(pk, 1));
 }
 
+// 8 values to out[idx..idx+8) in the out dtype (one rounding).
+ALWAYS_INLINE void store8(void* out, OutType t, int64_t idx, __m256 v) {
+  switch (t) {
+    case OutType::F32: _mm256_storeu_ps(static_cast<float*>(out) + idx, v); break;
+    case OutType::BF16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + idx), ps_to_bf16(v));
+      break;
+    case OutType::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + idx),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+  }
+}
+
 void store_block(const GemmArgs& a, int64_t b, const float* total) {
   const int64_t n0 = b * kBlockN;
   for (int64_t m = 0; m < a.M; ++m) {
@@ -117,16 +131,7 @@ void store_block(const GemmArgs& a, int64_t b, const float* total) {
       const int64_t idx = m * a.ldo + n;
       if (left >= 8) {
         if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n));
-        switch (a.out_type) {
-          case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, y); break;
-          case OutType::BF16:
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(y));
-            break;
-          case OutType::F16:
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
-                             _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            break;
-        }
+        store8(a.out, a.out_type, idx, y);
       } else {  // the last, partial vector of the last block: through a buffer, never past column N
         alignas(32) float t[8];
         _mm256_store_ps(t, y);
@@ -485,18 +490,7 @@ struct I8W8A8 : PolicyBase {
 // rounding to bf16 / fp16 where asked. Blocks are written whole (64 columns; the callers' buffers are
 // padded to blocks).
 // ------------------------------------------------------------------------------------------------
-ALWAYS_INLINE void store8(const DequantArgs& a, int64_t idx, __m256 v) {
-  switch (a.out_type) {
-    case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, v); break;
-    case OutType::BF16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(v));
-      break;
-    case OutType::F16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
-                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      break;
-  }
-}
+ALWAYS_INLINE void store8(const DequantArgs& a, int64_t idx, __m256 v) { store8(a.out, a.out_type, idx, v); }
 
 void dequant_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
   const bool nib = a.bits != 8;
