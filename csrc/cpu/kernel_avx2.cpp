@@ -275,13 +275,15 @@ struct I4F32 : PolicyBase {
 // exact fp32 product, accumulated in fp32. The +128 costs the fp32 sums ~5 bits of cancellation
 // (invisible in a bf16/fp16 result, 2^-19 against their 2^-9 / 2^-12 ulp), which is why fp32
 // activations keep I4F32 (the AVX-512 fp32 kernels refuse the +128 for the same reason).
-// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01; in-process A/B, one
-// thread, CPU time, K = 2048 N = 1024 g = 128 in cache, 3 runs of 25 alternated rounds, host load
-// ~9): M = 1 1.03x / 0.91x / 1.05x I4F32's rate (the 6-unpack form of the same decode 1.08x /
-// 0.97x / 1.10x, but it is shuffle-port-bound where the shuffles have one port); M = 2 0.98-1.03x,
-// so M = 2 keeps I4F32. llvm-mca 14 cycles per k-pair of this loop vs I4F32's (M = 1): haswell 11.5
-// vs 10.7, skylake 9.2 vs 10.7, icelake-server 9.9 vs 10.7, znver1 9.6 vs 10.6, znver2 8.6 vs
-// 11.7, znver3 10.4 vs 14.1 (docs/notes/issue-11-avx2.md, session 5).
+// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01; one thread, CPU time,
+// int4 K = 2048 N = 1024 g = 128 in cache, M = 1, fp32 / bf16 / fp16 x alternated in one process, 25
+// rounds, 3 runs per build, host load 5-9): bf16 and fp16 x ran at 0.93-0.99x the fp32 rate with
+// I4F32 and at 1.12-1.17x with this decode; from DRAM (3x the L3) +5-15%. Dropped variants: the
+// second level as 4 more unpacks against zero (as fast here, but llvm-mca puts it 1.5x / 1.1x slower
+// on Haswell / Skylake, whose 256-bit shuffles have one port); M = 2 (0.98-1.03x, keeps I4F32).
+// llvm-mca 14, cycles per k-pair (64 weights) vs I4F32: haswell 11.5 vs 10.7, skylake 9.2 vs 10.7,
+// icelake-server 9.9 vs 10.7, znver2 8.6 vs 11.7, znver3 10.4 vs 14.1 (docs/notes/issue-11-avx2.md,
+// session 5; Zen 1 there too).
 // ------------------------------------------------------------------------------------------------
 struct F4 {
   float v[4];
