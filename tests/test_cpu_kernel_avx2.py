@@ -145,7 +145,8 @@ def test_avx2_every_nibble_exact(bits, m, avx2):
     packed = BACKEND.repack(t, spec, k)
     assert "zeros" in packed.tensors
     rows = torch.randperm(k, generator=torch.Generator().manual_seed(m + bits))
-    for dt in (torch.float32, torch.bfloat16):
+    # every dtype: at M = 1 bf16 / fp16 take the conversion-free +128 decode, fp32 the vcvtdq2ps one
+    for dt in DTYPES:
         for r0 in range(0, k, m):
             ks = rows[r0:r0 + m]
             x = torch.zeros(len(ks), k, dtype=dt)

@@ -71,17 +71,19 @@ ALWAYS_INLINE __m256 scale8(const GemmArgs& a, int64_t off) {
   return _mm256_loadu_ps(static_cast<const float*>(a.scales) + off);
 }
 
-ALWAYS_INLINE __m256 zero8(const GemmArgs& a, int64_t off) {
-  if (!a.zeros) return _mm256_set1_ps(a.sym_zero);
-  return u8x8_to_ps(a.zeros + off);
+// z + cb: cb is the constant the decode adds to every code (kernel.h), exact (z + cb <= 255 + 128).
+ALWAYS_INLINE __m256 zero8(const GemmArgs& a, int64_t off, float cb = 0.f) {
+  if (!a.zeros) return _mm256_set1_ps(a.sym_zero + cb);
+  const __m256 z = u8x8_to_ps(a.zeros + off);
+  return cb == 0.f ? z : _mm256_add_ps(z, _mm256_set1_ps(cb));
 }
 
-// total[m][8u..8u+8) += s * (y - z * X[m, g]) for the natural vector y of row m, column vector u.
+// total[m][8u..8u+8) += s * (y - (z + cb) * X[m, g]) for the natural vector y of row m, column vector u.
 template <class Nat>
-ALWAYS_INLINE void fold_group(const GemmArgs& a, int64_t b, int64_t g, float* total, Nat&& natural) {
+ALWAYS_INLINE void fold_group(const GemmArgs& a, int64_t b, int64_t g, float* total, Nat&& natural, float cb = 0.f) {
   const int64_t off = (b * a.G + g) * kBlockN;
   for (int u = 0; u < kBlockN / 8; ++u) {
-    const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u);
+    const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u, cb);
     for (int64_t m = 0; m < a.M; ++m) {
       float* t = total + m * kBlockN + 8 * u;
       const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[m * a.G + g]), natural(m, u));
@@ -104,6 +106,20 @@ ALWAYS_INLINE __m128i ps_to_bf16(__m256 v) {
   return _mm_unpacklo_epi64(_mm256_castsi256_si128(pk), _mm256_extracti128_si256(pk, 1));
 }
 
+// 8 values to out[idx..idx+8) in the out dtype (one rounding).
+ALWAYS_INLINE void store8(void* out, OutType t, int64_t idx, __m256 v) {
+  switch (t) {
+    case OutType::F32: _mm256_storeu_ps(static_cast<float*>(out) + idx, v); break;
+    case OutType::BF16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + idx), ps_to_bf16(v));
+      break;
+    case OutType::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + idx),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+  }
+}
+
 void store_block(const GemmArgs& a, int64_t b, const float* total) {
   const int64_t n0 = b * kBlockN;
   for (int64_t m = 0; m < a.M; ++m) {
@@ -115,16 +131,7 @@ void store_block(const GemmArgs& a, int64_t b, const float* total) {
       const int64_t idx = m * a.ldo + n;
       if (left >= 8) {
         if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n));
-        switch (a.out_type) {
-          case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, y); break;
-          case OutType::BF16:
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(y));
-            break;
-          case OutType::F16:
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
-                             _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            break;
-        }
+        store8(a.out, a.out_type, idx, y);
       } else {  // the last, partial vector of the last block: through a buffer, never past column N
         alignas(32) float t[8];
         _mm256_store_ps(t, y);
@@ -138,21 +145,28 @@ void store_block(const GemmArgs& a, int64_t b, const float* total) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// 8-bit codes, fp32 activations. Slot s = bytes 8s..8s+7 of a k-pair row = columns 4s..4s+3 x (k, k+1);
-// accumulator lanes alternate even/odd k (kAccW = 128 partial sums per row).
+// What every AVX2 policy shares (driver.inc lists the members); a policy overrides what differs.
 // ------------------------------------------------------------------------------------------------
-struct I8F32 {
+struct PolicyBase {
   static constexpr bool kDecodeOnce = false;
   using XType = float;
   using AccType = float;
   static constexpr int kKPerX = 1;
+  static constexpr int kSlotAcc = 8;
+  static constexpr int64_t kChunkPairs = kChunk;
+  static constexpr int kMaxMR = 6;
+  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// 8-bit codes, fp32 activations. Slot s = bytes 8s..8s+7 of a k-pair row = columns 4s..4s+3 x (k, k+1);
+// accumulator lanes alternate even/odd k (kAccW = 128 partial sums per row).
+// ------------------------------------------------------------------------------------------------
+struct I8F32 : PolicyBase {
   static constexpr int kPairBytes = 2 * kBlockN;
   static constexpr int kSlots = 16;
   static constexpr int kSrcSlotBytes = 8;
-  static constexpr int kSlotAcc = 8;
   static constexpr int kAccW = 2 * kBlockN;
-  static constexpr int64_t kChunkPairs = kChunk;
-  static constexpr int kMaxMR = 6;
   // MR x NS accumulators + MR pair broadcasts + 1 weight vector <= 16 ymm.
   template <int MR>
   static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
@@ -184,7 +198,6 @@ struct I8F32 {
       return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(h), 0xd8));
     });
   }
-  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -193,18 +206,11 @@ struct I8F32 {
 // byte is j), each byte q(k) | q(k+1) << 4. x is the call's copy with odd k divided by 16, so the high
 // nibble needs no shift: (b & 0xf0) = 16 q(k+1).
 // ------------------------------------------------------------------------------------------------
-struct I4F32 {
-  static constexpr bool kDecodeOnce = false;
-  using XType = float;
-  using AccType = float;
-  static constexpr int kKPerX = 1;
+struct I4F32 : PolicyBase {
   static constexpr int kPairBytes = kBlockN;
   static constexpr int kSlots = 8;
   static constexpr int kSrcSlotBytes = 8;
-  static constexpr int kSlotAcc = 8;
   static constexpr int kAccW = kBlockN;
-  static constexpr int64_t kChunkPairs = kChunk;
-  static constexpr int kMaxMR = 6;
   // One row: 4 slots with separate even-k / odd-k accumulators (8 FMA chains of one FMA per k-pair;
   // with 8 slots and one accumulator each, two dependent FMAs per k-pair made the loop latency-bound).
   template <int MR>
@@ -253,7 +259,89 @@ struct I4F32 {
       return _mm256_set_m128(_mm_loadu_ps(p + nib_byte(8 * u + 4)), _mm_loadu_ps(p + nib_byte(8 * u)));
     });
   }
-  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// <=4-bit codes, M = 1, bf16 / fp16 activations: no int -> float conversion. A 16-byte piece of a
+// k-pair row (16 columns) is broadcast to both 128-bit lanes; one vpsrlvd (0 | 4) + vpand 0x0f leaves
+// the k nibbles in lane 0 and the k+1 nibbles in lane 1; unpacking those bytes against 0x43 gives the
+// words 0x43cc, the high half of fp32 128 + c (the AVX-512 BF16 kernels' byte trick, kernel.h); a
+// vpslld 16 (even bytes) or a vpand 0xffff0000 (odd bytes) makes each word a whole fp32. Per 32
+// weights: 1 load, vpsrlvd, 3 vpand, 2 vpunpck, 2 vpslld, 4 FMA = 12 vector uops (I4F32: 2 vpmovzxbd,
+// 4 vpand, 4 vcvtdq2ps, 4 FMA = 14, 8 of them on the FMA ports). Each vector holds 4 columns at k
+// (lane 0) and at k+1 (lane 1), multiplied by the pair vector (x[k] x 4 | x[k+1] x 4) of a per-call
+// table; the lanes are added once per group and 128 X[m, g] is taken off with the zero point.
+// Exact as the AVX-512 BF16 path is: bf16 (8 bits) or fp16 (11 bits) x times 128 + c (8 bits) is an
+// exact fp32 product, accumulated in fp32. The +128 costs the fp32 sums ~5 bits of cancellation
+// (invisible in a bf16/fp16 result, 2^-19 against their 2^-9 / 2^-12 ulp), which is why fp32
+// activations keep I4F32 (the AVX-512 fp32 kernels refuse the +128 for the same reason).
+// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01; one thread, CPU time,
+// int4 K = 2048 N = 1024 g = 128 in cache, M = 1, fp32 / bf16 / fp16 x alternated in one process, 25
+// rounds, 3 runs per build, host load 5-9): bf16 and fp16 x ran at 0.93-0.99x the fp32 rate with
+// I4F32 and at 1.12-1.17x with this decode; from DRAM (3x the L3) +5-15%. Dropped variants: the
+// second level as 4 more unpacks against zero (as fast here, but llvm-mca puts it 1.5x / 1.1x slower
+// on Haswell / Skylake, whose 256-bit shuffles have one port); M = 2 (0.98-1.03x, keeps I4F32).
+// llvm-mca 14, cycles per k-pair (64 weights) vs I4F32: haswell 11.5 vs 10.7, skylake 9.2 vs 10.7,
+// icelake-server 9.9 vs 10.7, znver2 8.6 vs 11.7, znver3 10.4 vs 14.1 (docs/notes/issue-11-avx2.md,
+// session 5; Zen 1 there too).
+// ------------------------------------------------------------------------------------------------
+struct F4 {
+  float v[4];
+};
+
+struct I4Bias128 : PolicyBase {
+  using XType = F4;  // x[m][k] as 4 copies: a k-pair's (x[k] x 4 | x[k+1] x 4) is one 32-byte load
+  static constexpr float kCb = 128.f;
+  static constexpr int kPairBytes = kBlockN;
+  static constexpr int kSlots = 16;
+  static constexpr int kSrcSlotBytes = 4;
+  static constexpr int kAccW = 2 * kBlockN;
+  static constexpr int kMaxMR = 1;
+  template <int MR>
+  static constexpr int strip() { return 8; }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const F4* x, int64_t, float* acc, const char* pf) {
+    static_assert(MR == 1 && NS % 4 == 0, "one row, whole 16-byte pieces");
+    __m256 A[NS];
+    for (int s = 0; s < NS; ++s) A[s] = _mm256_loadu_ps(acc + 8 * s);
+    const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), m_lo = _mm256_set1_epi8(0x0f);
+    const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u)), c43 = _mm256_set1_epi8(0x43);
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+      const __m256 xp = _mm256_loadu_ps(x[2 * p].v);
+      for (int q = 0; q < NS / 4; ++q) {
+        const __m256i bv = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * q)));
+        const __m256i n = _mm256_and_si256(_mm256_srlv_epi32(bv, sh), m_lo);
+        const __m256i w0 = _mm256_unpacklo_epi8(n, c43), w1 = _mm256_unpackhi_epi8(n, c43);
+        // slot 4q: even bytes 0..6 of the lane, 4q+1: odd bytes 1..7, 4q+2 / 4q+3: bytes 8..15
+        const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
+                              _mm256_and_si256(w1, m_hw)};
+        for (int j = 0; j < 4; ++j) A[4 * q + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xp, A[4 * q + j]);
+      }
+    }
+    for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + 8 * s, A[s]);
+  }
+
+  // Columns of bytes j0..j0+3 (j0 % 4 == 0): the even-byte and odd-byte slots of its 8-byte half,
+  // k and k+1 lanes added, interleaved back.
+  static ALWAYS_INLINE __m128 quad(const float* accm, int j0) {
+    const float* e = accm + 8 * (4 * (j0 / 16) + 2 * ((j0 % 16) / 8));
+    const __m128 ev = _mm_add_ps(_mm_loadu_ps(e), _mm_loadu_ps(e + 4));
+    const __m128 od = _mm_add_ps(_mm_loadu_ps(e + 8), _mm_loadu_ps(e + 12));
+    return j0 % 8 == 0 ? _mm_unpacklo_ps(ev, od) : _mm_unpackhi_ps(ev, od);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    fold_group(
+        a, b, g, total,
+        [&](int64_t m, int u) {
+          const float* p = acc + m * kAccW;
+          return _mm256_set_m128(quad(p, nib_byte(8 * u + 4)), quad(p, nib_byte(8 * u)));
+        },
+        kCb);
+  }
 };
 
 
@@ -273,20 +361,15 @@ constexpr int64_t kTiledMinM8 = 12;
 constexpr int64_t kTiledMinM4 = 7;
 
 template <class Direct>
-struct TiledF32 {
+struct TiledF32 : PolicyBase {
   static constexpr bool kDecodeOnce = true;
   static constexpr bool kNib = Direct::kPairBytes == kBlockN;
-  using XType = float;
-  using AccType = float;
-  static constexpr int kKPerX = 1;
   static constexpr int kPairBytes = Direct::kPairBytes;
   static constexpr int kSlots = Direct::kSlots;
-  static constexpr int kSlotAcc = 8;
   static constexpr int kAccW = Direct::kAccW;
   static constexpr int kSrcSlotBytes = kNib ? 64 : 32;  // 8-bit: one vector per slot; nibbles: lo, hi
   static constexpr int kSrcPairBytes = 512;
   static constexpr int64_t kChunkPairs = kChunkT;
-  static constexpr int kMaxMR = 6;
   template <int MR>
   static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
 
@@ -343,7 +426,6 @@ struct TiledF32 {
   static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
     Direct::group_end(a, b, g, acc, total);
   }
-  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -356,18 +438,14 @@ struct TiledF32 {
 // trick llama.cpp uses needs weights in [-127, 127].) x arrives as int8 quads [Kp/4][M]; the entry
 // point widens it once per call to int16 pairs [M][Kp/2].
 // ------------------------------------------------------------------------------------------------
-struct I8W8A8 {
-  static constexpr bool kDecodeOnce = false;
+struct I8W8A8 : PolicyBase {
   using XType = uint32_t;
   using AccType = int32_t;
   static constexpr int kKPerX = 2;
   static constexpr int kPairBytes = 2 * kBlockN;
   static constexpr int kSlots = 8;
   static constexpr int kSrcSlotBytes = 16;
-  static constexpr int kSlotAcc = 8;
   static constexpr int kAccW = kBlockN;
-  static constexpr int64_t kChunkPairs = kChunk;
-  static constexpr int kMaxMR = 6;
   template <int MR>
   static constexpr int strip() { return MR == 1 ? 8 : MR <= 3 ? 4 : 2; }
 
@@ -406,7 +484,6 @@ struct I8W8A8 {
       }
     }
   }
-  static void store_block(const GemmArgs& a, int64_t b, const float* total) { gptq_cpu::store_block(a, b, total); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -415,18 +492,7 @@ struct I8W8A8 {
 // rounding to bf16 / fp16 where asked. Blocks are written whole (64 columns; the callers' buffers are
 // padded to blocks).
 // ------------------------------------------------------------------------------------------------
-ALWAYS_INLINE void store8(const DequantArgs& a, int64_t idx, __m256 v) {
-  switch (a.out_type) {
-    case OutType::F32: _mm256_storeu_ps(static_cast<float*>(a.out) + idx, v); break;
-    case OutType::BF16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx), ps_to_bf16(v));
-      break;
-    case OutType::F16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + idx),
-                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      break;
-  }
-}
+ALWAYS_INLINE void store8(const DequantArgs& a, int64_t idx, __m256 v) { store8(a.out, a.out_type, idx, v); }
 
 void dequant_impl(const DequantArgs& a, int64_t b0, int64_t b1) {
   const bool nib = a.bits != 8;
@@ -517,6 +583,13 @@ bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (!a.xf) return false;
   const bool tiled = a.M >= (a.bits == 8 ? kTiledMinM8 : kTiledMinM4);
   if (a.bits == 8) return tiled ? run<TiledF32<I8F32>>(a, b0, b1, a.xf, a.Kp) : run<I8F32>(a, b0, b1, a.xf, a.Kp);
+  if (a.M == 1 && a.out_type != OutType::F32) {  // see I4Bias128: bf16 / fp16 activations (out has x's dtype)
+    Aligned xs(static_cast<size_t>(a.Kp) * sizeof(F4));
+    if (!xs.p) return false;
+    F4* v = static_cast<F4*>(xs.p);
+    for (int64_t i = 0; i < a.Kp; ++i) _mm_storeu_ps(v[i].v, _mm_set1_ps(a.xf[i]));
+    return run<I4Bias128>(a, b0, b1, v, a.Kp);
+  }
   // x with odd k divided by 16 (see I4F32), once per call.
   const int64_t n = a.M * a.Kp;
   Aligned xs(static_cast<size_t>(n) * sizeof(float));
