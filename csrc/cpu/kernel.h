@@ -16,7 +16,8 @@
 // cores keep up with DRAM. Hence:
 //
 // * K is reordered once: act-order permutation (format.act_order_perm), then each group's rows are
-//   padded to an even count. `row_map[i]` (int32 [Kp]) is the checkpoint row feeding padded row i, or -1
+//   padded to a multiple of 4 rows (the kernels read k-pairs; the opt-in W8A8 path reads k-quads).
+//   `row_map[i]` (int32 [Kp]) is the checkpoint row feeding padded row i, or -1
 //   for a pad row. The kernel gathers x through row_map per call (x is tiny next to W at small M), so
 //   the inner loop only ever sees contiguous groups of whole K-pairs. `group_ptr` (int32 [G+1]) holds the
 //   padded row where each stored group starts; groups with no rows are dropped at repack time.
@@ -61,7 +62,7 @@ enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 // A packed weight as the kernels see it (CPUBackend.repack's tensors): shared by GemmArgs and DequantArgs.
 struct PackedView {
-  int64_t Kp = 0;       // padded K (even)
+  int64_t Kp = 0;       // padded K (a multiple of 4)
   int64_t G = 0;        // stored groups
   int64_t nblk = 0;     // N-blocks of kBlockN columns
   int bits = 8;         // 8 -> byte layout; 2/3/4 -> nibble layout
