@@ -53,11 +53,16 @@ def cpu_flags() -> set[str]:
 
 
 FLAGS = cpu_flags()
-_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
-# What each tier needs, in /proc/cpuinfo's names.
-TIER_NEEDS = {"avx512vbmi": _AVX512 and {"avx512_bf16", "avx512vbmi"} <= FLAGS,
-              "avx512bf16": _AVX512 and "avx512_bf16" in FLAGS,
-              "avx512": _AVX512, "avx2": {"avx2", "fma", "f16c"} <= FLAGS, "generic": True}
+# The features the kernel names when it refuses a tier (its labels), in /proc/cpuinfo's names, and what
+# each tier needs.
+FEATURE_FLAGS = {"AVX512-F/BW/VL/DQ": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+                 "AVX512-BF16": {"avx512_bf16"}, "AVX512-VBMI": {"avx512vbmi"},
+                 "AVX2/FMA/F16C": {"avx2", "fma", "f16c"}}
+TIER_FEATURES = {"avx512vbmi": ("AVX512-F/BW/VL/DQ", "AVX512-BF16", "AVX512-VBMI"),
+                 "avx512bf16": ("AVX512-F/BW/VL/DQ", "AVX512-BF16"), "avx512": ("AVX512-F/BW/VL/DQ",),
+                 "avx2": ("AVX2/FMA/F16C",), "generic": ()}
+# Whether this CPU has what each tier needs.
+TIER_NEEDS = {t: all(FEATURE_FLAGS[f] <= FLAGS for f in feats) for t, feats in TIER_FEATURES.items()}
 # GPTQ_ASCEND_CPU_ISA caps the process at a tier (CI runs this module under each lower tier).
 CAP = os.environ.get("GPTQ_ASCEND_CPU_ISA", "") or "auto"
 
@@ -520,6 +525,27 @@ def test_tiers_are_what_this_cpu_and_cap_allow(isa_config):
         why = "caps this process" if TIER_NEEDS[tier] else "this CPU lacks"
         with pytest.raises(RuntimeError, match=f"isa '{tier}' requested but .*{why}"):
             cpu_mod.kernel_config(tier)
+
+
+def test_why_is_what_this_cpu_and_cap_imply(isa_config):
+    """The settings' why= field and the log sentence give the reason /proc/cpuinfo (read here) and
+    GPTQ_ASCEND_CPU_ISA imply for the tier "auto" chose, and say so when a lower tier was asked for."""
+    s = cpu_mod.kernel_settings()
+    above = TIERS[:TIERS.index(s["isa"])]
+    if not above:
+        assert s["why"] == "best", s
+        assert "(the best tier)" in BACKEND.describe()
+    elif CAP != "auto":
+        assert s["why"] == "cap", s
+        assert f"(capped by GPTQ_ASCEND_CPU_ISA={CAP})" in BACKEND.describe()
+    else:
+        lacks = {f for t in above for f in TIER_FEATURES[t] if not FEATURE_FLAGS[f] <= FLAGS}
+        assert s["why"].startswith("lacks:") and set(s["why"].removeprefix("lacks:").split(",")) == lacks, s
+        assert f"(this CPU has no {s['why'].removeprefix('lacks:').replace(',', ', ')})" in BACKEND.describe()
+    if len(ISAS) > 1:
+        isa_config(ISAS[-1])
+        assert cpu_mod.kernel_settings()["why"] == "requested"
+        assert "(set by kernel_config below a tier this CPU runs)" in BACKEND.describe()
 
 
 def test_config_errors():

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -40,7 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train_demo_model import HELDOUT_TOPICS  # noqa: E402  (tools/ is on sys.path when run)
+from tiny_lm import lm_config, save_fp16, train_onecycle  # noqa: E402  (tools/ is on sys.path when run)
+from train_demo_model import HELDOUT_TOPICS  # noqa: E402
 
 VOCAB_SIZE = 1024
 SPECIAL = ["<pad>", "<eos>", "<bos>"]  # Gemma's ids: pad 0, eos 1, bos 2
@@ -118,7 +118,6 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(args.threads)
     train_texts, held_texts = split()
@@ -132,38 +131,16 @@ def main(argv=None) -> int:
     held = torch.tensor(tok(held_text, add_special_tokens=False)["input_ids"])
     log(f"tokenizer vocab {len(tok)}; train stream {len(stream)} tokens, held-out {len(held)} tokens")
 
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=SPEC["hidden"], intermediate_size=SPEC["intermediate"],
-                      num_hidden_layers=SPEC["layers"], num_attention_heads=SPEC["heads"],
-                      num_key_value_heads=SPEC["kv_heads"], head_dim=SPEC["head_dim"],
-                      max_position_embeddings=SPEC["max_pos"], tie_word_embeddings=False, rms_norm_eps=1e-6,
-                      rope_theta=10000.0, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    cfg, cls = lm_config("llama", SPEC, len(tok), False, 10000.0, bos=2, eos=1, pad=0)
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(cfg).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
+    model = cls(cfg).float()
     gen = torch.Generator().manual_seed(SEED)
-    torch.set_flush_denormal(True)  # Adam state denormals otherwise slow CPU training ~10x
     t0 = time.time()
-    for step in range(args.steps):
-        x = windows(data, BATCH, gen)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            log(f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    torch.set_flush_denormal(False)
+    final_loss = train_onecycle(model, args.steps, lambda: windows(data, BATCH, gen), log)
     train_seconds = time.time() - t0
 
-    model = model.eval().half()
-    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0, do_sample=False)
     out = os.path.abspath(args.out)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    save_fp16(model, tok, out, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     # transformers 5 drops add_bos_token when saving a tokenizer.json-backed tokenizer; Gemma's
     # tokenizer_config.json states it, and llama.cpp's converter reads it, so state it here too.
     tc_path = os.path.join(out, "tokenizer_config.json")
@@ -187,7 +164,7 @@ def main(argv=None) -> int:
             "training": {"steps": args.steps, "batch": BATCH, "seq": SEQ, "seed": SEED,
                          "windows": "[<bos>] + 127 text tokens from a random offset",
                          "optimizer": "AdamW lr 3e-3 OneCycle, clip 1.0, float32, saved float16",
-                         "final_batch_loss": round(float(loss.item()), 4),
+                         "final_batch_loss": round(final_loss, 4),
                          "train_seconds": round(train_seconds, 1)},
             "heldout_ppl_with_bos": round(with_bos, 4), "heldout_ppl_without_bos": round(without, 4)}
     with open(os.path.join(out, "training.json"), "w") as fh:

@@ -164,18 +164,13 @@ import time
 import traceback
 
 from gptqmodel_env import use_cpu_gptqmodel  # tools/ is on sys.path when run
-from pydoc_tokenizer import encode_stream, train_bpe_tokenizer
+from pydoc_tokenizer import CHAT_TEMPLATE, encode_stream, train_bpe_tokenizer
+from tiny_lm import copy_named, lm_config, replace_dir, save_fp16, train_onecycle
 
 use_cpu_gptqmodel()  # before gptqmodel (and ideally torch) is imported
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB_SIZE = 1024
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TRAIN_TOKENS = 20000        # size of the memorised slice of the pydoc token stream
 TRAIN_STEPS = 600
 TRAIN_SEQ = 128
@@ -309,71 +304,33 @@ def calibration(stream):
 
 # ----------------------------------------------------------------------------- bases
 def make_config(spec, tokenizer):
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"],
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        tie_word_embeddings=spec["tie"],
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if spec["arch"] == "qwen3":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        return Qwen3Config(**common), Qwen3ForCausalLM
-    from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaConfig(**common), LlamaForCausalLM
+    sizes = dict(hidden=spec["hidden"], intermediate=spec["intermediate"], layers=2, heads=4, kv_heads=2,
+                 head_dim=32, max_pos=512)
+    return lm_config(spec["arch"], sizes, len(tokenizer), spec["tie"], 10000.0, tokenizer.bos_token_id,
+                     tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 def train_base(name, spec, tokenizer, stream, out_dir):
     import torch
-    from transformers import GenerationConfig
 
     cfg, cls = make_config(spec, tokenizer)
     torch.manual_seed(spec["seed"])
     model = cls(cfg).float()
-    model.train()
     data = torch.tensor(stream[:TRAIN_TOKENS], dtype=torch.long)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=TRAIN_STEPS, pct_start=0.1)
     gen = torch.Generator().manual_seed(spec["seed"])
-    # Without this, training slows down ~10x after a few hundred steps (denormals in Adam state).
-    torch.set_flush_denormal(True)
-    t0 = time.time()
-    for step in range(TRAIN_STEPS):
+
+    def next_batch():
         starts = torch.randint(0, len(data) - TRAIN_SEQ - 1, (TRAIN_BATCH,), generator=gen).tolist()
-        x = torch.stack([data[s: s + TRAIN_SEQ] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        if step % 100 == 0 or step == TRAIN_STEPS - 1:
-            log(f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    torch.set_flush_denormal(False)
-    model.eval()
-    model = model.half()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+        return torch.stack([data[s: s + TRAIN_SEQ] for s in starts])
+
+    t0 = time.time()
+    final_loss = train_onecycle(model, TRAIN_STEPS, next_batch, lambda m: log(f"{name}: {m}"))
+    save_fp16(model, tokenizer, out_dir, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
+              pad_token_id=tokenizer.pad_token_id)
     info = {"spec": spec, "train_tokens": TRAIN_TOKENS, "steps": TRAIN_STEPS, "seq": TRAIN_SEQ,
             "batch": TRAIN_BATCH, "optimizer": "AdamW lr 3e-3 OneCycle, clip 1.0, float32, saved float16",
-            "final_batch_loss": round(float(loss.item()), 4), "train_seconds": round(time.time() - t0, 1)}
+            "final_batch_loss": round(final_loss, 4), "train_seconds": round(time.time() - t0, 1)}
     with open(os.path.join(out_dir, "training.json"), "w") as fh:
         json.dump(info, fh, indent=1)
         fh.write("\n")
@@ -423,12 +380,8 @@ def quantize_one(name, base_dir, qkw, quant_dtype, calib, work_dir, out_dir):
     model.save(work_dir)
     del model
     written = sorted(os.listdir(work_dir))
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
-    for f in written:
-        if f in KEEP_FILES:
-            shutil.copy2(os.path.join(work_dir, f), os.path.join(out_dir, f))
+    replace_dir(out_dir)
+    copy_named(work_dir, out_dir, KEEP_FILES)
     # Tokenizer files from the base if GPTQModel did not write them. generation_config.json is
     # always the base's: GPTQModel's saver rewrites it with "do_sample": true.
     for f in os.listdir(base_dir):

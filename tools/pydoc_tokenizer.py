@@ -5,6 +5,13 @@ in the GPTQModel venv alike."""
 from __future__ import annotations
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+# ChatML over those special tokens: <|im_start|>role\n...<|im_end|>\n per message.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int, max_length: int, chat_template: str):

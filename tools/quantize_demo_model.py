@@ -50,7 +50,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +61,7 @@ use_cpu_gptqmodel()  # before gptqmodel (and ideally torch) is imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import train_demo_model as tdm  # noqa: E402  (stdlib-only at import time)
+from tiny_lm import copy_named, replace_dir  # noqa: E402
 
 QUANT = dict(bits=8, group_size=128, sym=True, desc_act=False, format="gptq", lm_head=False)
 KEEP_FROM_GPTQMODEL = {"config.json", "quantize_config.json", "model.safetensors"}
@@ -163,15 +163,9 @@ def main(argv=None):
         quant_seconds = time.time() - t_q
         written = sorted(os.listdir(tmp))
         log(f"GPTQModel wrote {written} in {quant_seconds:.0f}s")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.makedirs(out)
-        for f in written:
-            if f in KEEP_FROM_GPTQMODEL:
-                shutil.copy2(os.path.join(tmp, f), os.path.join(out, f))
-    for f in sorted(os.listdir(base)):
-        if f in FROM_BASE:
-            shutil.copy2(os.path.join(base, f), os.path.join(out, f))
+        replace_dir(out)
+        copy_named(tmp, out, KEEP_FROM_GPTQMODEL)
+    copy_named(base, out, FROM_BASE)
     log(f"kept {sorted(os.listdir(out))}")
 
     # ---- check: reload with GPTQModel, compare with the base

@@ -52,11 +52,11 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 
-from pydoc_tokenizer import encode_stream, train_bpe_tokenizer  # tools/ is on sys.path when run
+from pydoc_tokenizer import CHAT_TEMPLATE, encode_stream, train_bpe_tokenizer  # tools/ is on sys.path when run
+from tiny_lm import lm_config, save_fp16
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,12 +64,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB_SIZE = 4096
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # Topics whose text appears nowhere else in pydoc_data.topics (checked paragraph by paragraph);
 # together 23,351 of 464,970 characters (5.0%).
 HELDOUT_TOPICS = ["calls", "del", "import", "raise", "return", "slicings"]
@@ -149,29 +143,11 @@ def encode_chats(tokenizer, pairs):
 # ----------------------------------------------------------------------------- model
 def make_model(tokenizer, seed):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=MODEL["hidden"],
-        intermediate_size=MODEL["intermediate"],
-        num_hidden_layers=MODEL["layers"],
-        num_attention_heads=MODEL["heads"],
-        num_key_value_heads=MODEL["kv_heads"],
-        head_dim=MODEL["head_dim"],
-        max_position_embeddings=MODEL["max_pos"],
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        hidden_act="silu",
-        attention_bias=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    cfg, cls = lm_config("qwen3", MODEL, len(tokenizer), True, 1000000.0, tokenizer.bos_token_id,
+                         tokenizer.eos_token_id, tokenizer.pad_token_id, hidden_act="silu", attention_bias=False)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).float()
-    return model
+    return cls(cfg).float()
 
 
 def eval_loss(model, windows, batch, autocast):
@@ -243,7 +219,6 @@ def main(argv=None):
     import tokenizers
     import torch
     import transformers
-    from transformers import GenerationConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -347,20 +322,10 @@ def main(argv=None):
     train_seconds = time.time() - t0
 
     # ---- save (float16)
-    model.eval()
     out = os.path.abspath(args.out)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    model = model.half()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_fp16(model, tokenizer, out, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
+              pad_token_id=tokenizer.pad_token_id)
     with open(os.path.join(out, "heldout.txt"), "w") as fh:
         fh.write("\n\n".join(t for _, t in held_topics) + "\n")
     with open(os.path.join(out, "heldout.json"), "w") as fh:

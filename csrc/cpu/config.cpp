@@ -47,18 +47,43 @@ bool cpu_has(const char* feature) {
   return false;
 }
 
-// Why this CPU cannot run a tier, or "" when it can.
-std::string tier_missing(Tier t) {
-  std::string miss;
-  auto need = [&](bool ok, const char* what) {
-    if (!ok) miss += miss.empty() ? what : std::string(", ") + what;
-  };
-  if (t >= Tier::Avx512) need(avx512_compiled() && cpu_has("avx512"), "AVX-512 F/BW/VL/DQ");
-  if (t >= Tier::Avx512Bf16) need(cpu_has("avx512bf16"), "AVX512-BF16");
-  if (t == Tier::Avx512Vbmi) need(cpu_has("avx512vbmi"), "AVX512-VBMI");
-  if (t == Tier::Avx2) need(avx2_compiled() && cpu_has("avx2"), "AVX2/FMA/F16C");
+// The one statement of what each tier needs. A feature is a bit; its label names it in errors and in
+// describe's why= field (no spaces: describe is space-separated key=value). A higher AVX-512 tier needs
+// everything the lower ones do; avx2 needs only its own (the avx512 kernels use no AVX2-only code).
+enum Feature : unsigned { kAvx2 = 1, kAvx512 = 2, kBf16 = 4, kVbmi = 8 };
+constexpr struct { Feature f; const char* label; } kFeatureLabels[] = {
+    {kAvx512, "AVX512-F/BW/VL/DQ"}, {kBf16, "AVX512-BF16"}, {kVbmi, "AVX512-VBMI"}, {kAvx2, "AVX2/FMA/F16C"}};
+
+unsigned tier_needs(Tier t) {
+  switch (t) {
+    case Tier::Generic: return 0;
+    case Tier::Avx2: return kAvx2;
+    case Tier::Avx512: return kAvx512;
+    case Tier::Avx512Bf16: return kAvx512 | kBf16;
+    case Tier::Avx512Vbmi: return kAvx512 | kBf16 | kVbmi;
+  }
+  return 0;
+}
+
+// The features of `needs` this build and CPU do not have.
+unsigned lacking(unsigned needs) {
+  unsigned miss = 0;
+  if ((needs & kAvx2) && !(avx2_compiled() && cpu_has("avx2"))) miss |= kAvx2;
+  if ((needs & kAvx512) && !(avx512_compiled() && cpu_has("avx512"))) miss |= kAvx512;
+  if ((needs & kBf16) && !cpu_has("avx512bf16")) miss |= kBf16;
+  if ((needs & kVbmi) && !cpu_has("avx512vbmi")) miss |= kVbmi;
   return miss;
 }
+
+std::string labels(unsigned features) {  // comma-separated, no spaces
+  std::string s;
+  for (const auto& fl : kFeatureLabels)
+    if (features & fl.f) s += (s.empty() ? "" : ",") + std::string(fl.label);
+  return s;
+}
+
+// Why this CPU cannot run a tier, or "" when it can.
+std::string tier_missing(Tier t) { return labels(lacking(tier_needs(t))); }
 
 // The per-tier tuning table: every switch-over and tile size, and where its number came from. Sizes that
 // depend on the caches scale with the sizes read from sysfs (CacheSizes below).
@@ -251,6 +276,22 @@ std::string cpu_features() {
   return s.empty() ? "baseline" : s;
 }
 
+// Why the process runs tier c.tier and not a higher one (describe's why= field, worded for the log by
+// backends/cpu.py): "best" (the top tier), "cap" (GPTQ_ASCEND_CPU_ISA stops it below the next tier),
+// "requested" (cpu_kernel_config named a tier below one this CPU runs), or "lacks:<labels>" (the
+// features this CPU lacks for the tiers above).
+std::string tier_why(const Config& c) {
+  constexpr Tier kTop = Tier::Avx512Vbmi;
+  if (c.tier == kTop) return "best";
+  const Tier above = static_cast<Tier>(static_cast<int>(c.tier) + 1);
+  if (above > c.cap) return "cap";
+  if (tier_missing(above).empty()) return "requested";
+  unsigned miss = 0;
+  for (int t = static_cast<int>(above); t <= static_cast<int>(kTop); ++t)
+    miss |= lacking(tier_needs(static_cast<Tier>(t)));
+  return "lacks:" + labels(miss);
+}
+
 std::string describe(const Config& c) {
   const bool bg = brgemm_on(c);
   const CacheSizes& cs = cache_sizes();
@@ -261,7 +302,7 @@ std::string describe(const Config& c) {
          " brgemm=" + (!c.brgemm ? "0" : !c.bf16_dot ? "1(no-bf16:off)" : brgemm_works() ? "1" : "1(no-ukernel:off)") +
          " large_m_bf16=" + large_m_bf16_path(c) +
          " threads=" + std::to_string(at::get_num_threads()) +
-         " cap=" + (c.capped ? kTierNames[static_cast<int>(c.cap)] : "none") +
+         " cap=" + (c.capped ? kTierNames[static_cast<int>(c.cap)] : "none") + " why=" + tier_why(c) +
          " cpu=" + cpu_features() +
          " l2=" + std::to_string(cs.l2 >> 10) + "K l3=" + std::to_string(cs.l3 >> 10) + "K" +
          (cs.from_sysfs ? "" : "(assumed)");

@@ -16,7 +16,8 @@
 // cores keep up with DRAM. Hence:
 //
 // * K is reordered once: act-order permutation (format.act_order_perm), then each group's rows are
-//   padded to an even count. `row_map[i]` (int32 [Kp]) is the checkpoint row feeding padded row i, or -1
+//   padded to a multiple of 4 rows (the kernels read k-pairs; the opt-in W8A8 path reads k-quads).
+//   `row_map[i]` (int32 [Kp]) is the checkpoint row feeding padded row i, or -1
 //   for a pad row. The kernel gathers x through row_map per call (x is tiny next to W at small M), so
 //   the inner loop only ever sees contiguous groups of whole K-pairs. `group_ptr` (int32 [G+1]) holds the
 //   padded row where each stored group starts; groups with no rows are dropped at repack time.
@@ -61,7 +62,7 @@ enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 // A packed weight as the kernels see it (CPUBackend.repack's tensors): shared by GemmArgs and DequantArgs.
 struct PackedView {
-  int64_t Kp = 0;       // padded K (even)
+  int64_t Kp = 0;       // padded K (a multiple of 4)
   int64_t G = 0;        // stored groups
   int64_t nblk = 0;     // N-blocks of kBlockN columns
   int bits = 8;         // 8 -> byte layout; 2/3/4 -> nibble layout
@@ -103,35 +104,38 @@ struct DequantArgs : PackedView {
 // Block-range entry points, one set per ISA. `fused_gemm` (the fused dequant-GEMM, for every M up to the
 // tier's switch-over, 32-256 rows, see config.cpp) computes output columns of blocks [b0, b1) for all M
 // rows; `dequant` writes blocks [b0, b1) of W (padded K order) into out. The `generic` tier's entry
-// points are the portable kernels (kernel_portable.inc) compiled at the baseline ISA.
+// points are the portable kernels (kernel_portable.inc) compiled at the baseline ISA. All but
+// avx512::fused_gemm have one of these two signatures, so each ISA below lists only its names.
+using BlockGemm = bool(const GemmArgs& a, int64_t b0, int64_t b1);
+using BlockDequant = bool(const DequantArgs& a, int64_t b0, int64_t b1);
 namespace avx512 {
 bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1, bool bf16_dot);
 // The opt-in W8A8 kernel (GemmArgs::xq4 set, bits == 8, group_ptr multiples of 4). Needs AVX512-VNNI.
-bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1);
-bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
+BlockGemm fused_gemm_w8a8;
+BlockDequant dequant;
 // W^T in BF16: block b's column n lands in row (b - b_origin) * 64 + n, padded K along the row.
 // Needs AVX512-BF16.
-bool dequant_t_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
+BlockDequant dequant_t_bf16;
 // W in BF16, rows [k_begin, k_end) as oneDNN's brgemm "VNNI" B operand: out[(k - k_begin) / 2][ldo][2],
 // block b's column n at (b - b_origin) * 64 + n. Needs AVX512-BF16.
-bool dequant_vnni_bf16(const DequantArgs& a, int64_t b0, int64_t b1);
+BlockDequant dequant_vnni_bf16;
 }  // namespace avx512
 namespace avx512_vbmi {
 // The direct int8 x BF16 kernel (bits == 8, M < kTiledMinM, bf16 dot) with the AVX512-VBMI decode.
 // Returns false for any other call. Needs AVX512-BF16 and AVX512-VBMI.
-bool fused_gemm_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1);
+BlockGemm fused_gemm_i8_bf16;
 }  // namespace avx512_vbmi
 namespace avx2 {
 // Reads GemmArgs::xf ([M][Kp] fp32) for every M; intrinsics kernels on the shared driver (driver.inc).
-bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1);
+BlockGemm fused_gemm;
 // The opt-in W8A8 kernel on AVX2 (the same GemmArgs::xq4 / xscale / xsum inputs and the same exact int32
 // sums as avx512::fused_gemm_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
-bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1);
-bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
+BlockGemm fused_gemm_w8a8;
+BlockDequant dequant;
 }  // namespace avx2
 namespace generic {
-bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1);
-bool dequant(const DequantArgs& a, int64_t b0, int64_t b1);
+BlockGemm fused_gemm;
+BlockDequant dequant;
 }  // namespace generic
 
 // Compiled-in ISAs (the AVX TUs compile to stubs returning false on non-x86 targets).

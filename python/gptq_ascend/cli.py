@@ -1,4 +1,6 @@
-"""The `gptq-ascend` command (also `python -m gptq_ascend`)."""
+"""The `gptq-ascend` command line (also `python -m gptq_ascend`): every command's arguments, and the
+one way errors and interrupts end a command. The work itself is in convert.py, inspection.py and
+verify.py."""
 
 from __future__ import annotations
 
@@ -7,19 +9,29 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import interrupts
 from .errors import GPTQAscendError
 
+# Each command: its one-line summary (in `gptq-ascend --help`) and its description (`gptq-ascend CMD --help`).
+_COMMANDS = {
+    "convert": ("write an exactly dequantized FP16/BF16 checkpoint that any vLLM loads without flags",
+                "Dequantize every GPTQ layer of SRC (W = (q - z) * scale, the GPTQ definition) and write a "
+                "plain Hugging Face checkpoint to DST. The output is built in a temporary folder beside DST "
+                "and moved into place only when complete."),
+    "inspect": ("show a GPTQ checkpoint's settings, sizes, and which modes can run it here",
+                "Print the quantization settings, the number of quantized layers and plain tensors, the size "
+                "as stored and as FP16, and whether online CPU, online NPU and offline modes can run this "
+                "checkpoint on this machine (with the reason when not)."),
+    "verify": ("compare a candidate model's behaviour with a reference (norms, top-1, KL, perplexity)",
+               "REFERENCE is the unquantized model or the GPTQ checkpoint; CANDIDATE is a converted checkpoint "
+               "or a GPTQ checkpoint (run online through the op backends). Exit status 0 only when every "
+               "threshold holds."),
+}
 
-def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="write an exactly dequantized FP16/BF16 checkpoint that any vLLM loads without flags",
-        description="Dequantize every GPTQ layer of SRC (W = (q - z) * scale, the GPTQ definition) and "
-                    "write a plain Hugging Face checkpoint to DST. The output is built in a temporary "
-                    "folder beside DST and moved into place only when complete.",
-    )
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="GPTQ checkpoint folder (config.json + safetensors)")
     p.add_argument("dst", help="output folder; must not exist unless --force")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
@@ -38,19 +50,31 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="also read pickle .bin checkpoints, with torch.load(weights_only=True)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: only when stderr is a terminal)")
+    p.set_defaults(run=_run_convert)
 
 
-def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="show a GPTQ checkpoint's settings, sizes, and which modes can run it here",
-        description="Print the quantization settings, the number of quantized layers and plain tensors, "
-                    "the size as stored and as FP16, and whether online CPU, online NPU and offline "
-                    "modes can run this checkpoint on this machine (with the reason when not).",
-    )
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="GPTQ checkpoint folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickle .bin checkpoints")
+    p.set_defaults(run=_run_inspect)
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    from .verify import DEFAULT_THRESHOLDS, run
+
+    p.add_argument("reference", help="reference model folder")
+    p.add_argument("candidate", help="candidate model folder")
+    p.add_argument("--text", type=Path, help="held-out text file (default: heldout.txt beside a model, "
+                                             "else Python's own pydoc topics)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk (default 128)")
+    p.add_argument("--max-chunks", type=int, default=8, help="chunks of text to compare (default 8)")
+    p.add_argument("--backend", default=None, help="op backend for GPTQ layers (default: best available)")
+    for key, value in DEFAULT_THRESHOLDS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=float, default=value,
+                       help=f"threshold (default {value})")
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_convert(sub)
-    _add_inspect(sub)
+    commands = [("convert", _convert_arguments), ("inspect", _inspect_arguments)]
     try:
-        from .verify import add_parser as add_verify
+        from . import verify  # noqa: F401  (it needs torch; convert and inspect parse without it)
     except ImportError:
         pass
     else:
-        add_verify(sub)
+        commands.append(("verify", _verify_arguments))
+    for name, add_arguments in commands:
+        summary, description = _COMMANDS[name]
+        add_arguments(sub.add_parser(name, help=summary, description=description))
     return parser
 
 
@@ -102,10 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     interrupts.install_handlers()
-    runners = {"convert": _run_convert, "inspect": _run_inspect}
     try:
-        if args.command in runners:
-            return runners[args.command](args)
         return args.run(args)
     except (KeyboardInterrupt, Exception) as e:
         if isinstance(e, KeyboardInterrupt) or interrupts.interrupted():

@@ -413,28 +413,6 @@ def compare(reference: str, candidate: str, text: str | None = None, seq_len: in
     return res
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="compare a candidate model's behaviour with a reference (norms, top-1, KL, perplexity)",
-        description="REFERENCE is the unquantized model or the GPTQ checkpoint; CANDIDATE is a converted "
-                    "checkpoint or a GPTQ checkpoint (run online through the op backends). Exit status 0 "
-                    "only when every threshold holds.",
-    )
-    p.add_argument("reference", help="reference model folder")
-    p.add_argument("candidate", help="candidate model folder")
-    p.add_argument("--text", type=Path, help="held-out text file (default: heldout.txt beside a model, "
-                                             "else Python's own pydoc topics)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk (default 128)")
-    p.add_argument("--max-chunks", type=int, default=8, help="chunks of text to compare (default 8)")
-    p.add_argument("--backend", default=None, help="op backend for GPTQ layers (default: best available)")
-    for key, value in DEFAULT_THRESHOLDS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=float, default=value,
-                       help=f"threshold (default {value})")
-    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
-    p.set_defaults(run=run)
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -449,6 +427,7 @@ def _read_text(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The `verify` command on the arguments cli.py parsed (cli.py owns every command's arguments)."""
     thresholds = {k: getattr(args, k) for k in DEFAULT_THRESHOLDS}
     check_model_folder(args.reference, "REFERENCE")
     check_model_folder(args.candidate, "CANDIDATE")

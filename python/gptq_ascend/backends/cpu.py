@@ -220,15 +220,19 @@ def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32: int | None = None,
                   w8a8: bool | None = None, brgemm: bool | None = None) -> str:
-    """Read (and optionally set) the kernel's ISA ("auto" = the first of "avx512vbmi", "avx512", "avx2",
-    "generic" this CPU runs; "avx512vbmi" is "avx512" with a VBMI decode for int8 x BF16 at M <= 4; "reset"
-    restores every setting to its start-up value, environment included, before the other arguments apply), the largest M
-    the fused path takes (``small_m_max`` for both paths; ``small_m_max_f32`` then overrides the one for
-    fp32/fp16 activations) and the opt-in int8-activation mode for 8-bit layers (``w8a8``; changes the
-    numerics, see docs/cpu-kernel.md) and whether large-M bf16 calls go through oneDNN's brgemm
-    micro-kernel (``brgemm``, default on; off = dequantized tiles into ATen's GEMM). Returns e.g.
-    ``isa=avx512vbmi bf16_dot=1 small_m_max_bf16=48 small_m_max_f32=256 w8a8=0 brgemm=1 threads=2``
-    (the bf16 switch-over defaults to 48 with brgemm and 192 without).
+    """Read (and optionally set) the kernel's tier (``isa``: "auto" = the best of "avx512vbmi",
+    "avx512bf16", "avx512", "avx2", "generic" this CPU runs, up to the GPTQ_ASCEND_CPU_ISA cap; "reset"
+    restores every setting to its start-up value, environment included, before the other arguments
+    apply; a tier this CPU cannot run raises RuntimeError naming what it lacks), the largest M the fused
+    path takes (``small_m_max`` for both paths; ``small_m_max_f32`` then overrides the one for fp32/fp16
+    activations), the opt-in int8-activation mode for 8-bit layers (``w8a8``; changes the numerics, see
+    docs/cpu-kernel.md) and whether large-M bf16 calls go through oneDNN's brgemm micro-kernel
+    (``brgemm``, default on; off = dequantized tiles into ATen's GEMM). Returns the settings as
+    space-separated ``key=value`` fields, e.g. ``isa=avx512vbmi bf16_dot=1 small_m_max_bf16=48
+    small_m_max_f32=256 w8a8=0 brgemm=1 large_m_bf16=brgemm threads=2 cap=none why=best cpu=... l2=2048K
+    l3=107520K`` (the bf16 switch-over defaults to 48 with brgemm and 192 without). ``why`` says why this
+    tier and not a higher one: ``best``, ``cap`` (GPTQ_ASCEND_CPU_ISA), ``requested`` (set here below a
+    tier this CPU runs) or ``lacks:<features>`` (comma-separated, e.g. ``lacks:AVX512-BF16,AVX512-VBMI``).
     Environment: ``GPTQ_ASCEND_CPU_ISA``, ``GPTQ_ASCEND_CPU_SMALL_M_MAX``, ``GPTQ_ASCEND_CPU_W8A8``,
     ``GPTQ_ASCEND_CPU_BRGEMM``.
     """
@@ -245,28 +249,19 @@ def kernel_settings() -> dict[str, str]:
     return dict(item.split("=", 1) for item in kernel_config().split())
 
 
-# Kernel tiers, best first, with what each needs beyond the one below it (the C++ side, ops.cpp, owns the
-# detection; this is only for saying why a tier was not chosen).
-_TIER_NEEDS = (("avx512vbmi", "avx512vbmi", "AVX512-VBMI"), ("avx512bf16", "avx512bf16", "AVX512-BF16"),
-               ("avx512", "avx512", "AVX-512 F/BW/VL/DQ"), ("avx2", "avx2", "AVX2/FMA/F16C"))
-
-
 def describe_tier(s: dict[str, str]) -> str:
     """One sentence for the log from :func:`kernel_settings`: the tier, why it and not the one above it,
-    the switch-overs and what large batches run on."""
-    tier, features = s["isa"], set(s.get("cpu", "").split(","))
-    names = [t for t, _, _ in _TIER_NEEDS] + ["generic"]
-    if s.get("cap", "none") != "none":
-        why = f"capped by GPTQ_ASCEND_CPU_ISA={s['cap']}"
-    elif tier == names[0]:
-        why = "the best tier"
+    the switch-overs and what large batches run on. The reason is the kernel's own ``why=`` field (the
+    C++ side, csrc/cpu/config.cpp, owns what each tier needs); this only words it."""
+    why = s.get("why", "")
+    if why.startswith("lacks:"):
+        why = "this CPU has no " + why.removeprefix("lacks:").replace(",", ", ")
     else:
-        above = names[names.index(tier) - 1]
-        missing = [label for t, flag, label in _TIER_NEEDS[: names.index(tier)] if flag not in features]
-        why = f"this CPU has no {', '.join(missing)}" if missing else f"selected below {above}"
+        why = {"best": "the best tier", "cap": f"capped by GPTQ_ASCEND_CPU_ISA={s.get('cap')}",
+               "requested": "set by kernel_config below a tier this CPU runs"}.get(why, f"reason '{why}'")
     large = {"brgemm": "oneDNN's brgemm on dequantized BF16 tiles", "bf16": "BF16 GEMM on dequantized tiles",
              "fp32": "fp32 GEMM on dequantized tiles (bf16 activations widened: no native BF16)"}
-    return (f"CPU kernel tier {tier} ({why}); fused up to M={s['small_m_max_bf16']} (bf16) / "
+    return (f"CPU kernel tier {s['isa']} ({why}); fused up to M={s['small_m_max_bf16']} (bf16) / "
             f"{s['small_m_max_f32']} (fp32, fp16), larger M: {large.get(s.get('large_m_bf16', ''), '?')}; "
             f"L2 {s.get('l2', '?')}, L3 {s.get('l3', '?')}, {s['threads']} threads")
 
