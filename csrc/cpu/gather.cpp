@@ -75,7 +75,6 @@ inline float absmax8(const float* v, int64_t n) {
 template <class T>
 void gather_t(const T* x, int64_t M, const Packed& p, XLayout layout, XBuffers& out) {
   const int32_t* gp = p.group_ptr.data_ptr<int32_t>();
-  const int32_t* rm = p.row_map.data_ptr<int32_t>();
   const bool identity = p.identity;
   const int64_t Kp = p.Kp, G = p.G, K = p.K;
   out.xsum.resize(static_cast<size_t>(M * G));

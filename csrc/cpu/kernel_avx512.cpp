@@ -1,7 +1,7 @@
 // AVX-512 kernels for the layout of kernel.h (read its header comment first).
 //
 // Only this translation unit (and kernel_avx512_vbmi.cpp) is compiled for AVX-512 (F/BW/VL/DQ/BF16),
-// via the pragma below; ops.cpp picks it at run time with __builtin_cpu_supports, so the extension still
+// via the pragma below; config.cpp picks it at run time with __builtin_cpu_supports, so the extension still
 // loads and runs on CPUs without it. No torch header and no std:: function template is used in here
 // (ODR note in kernel.h). The pieces kernel_avx512_vbmi.cpp compiles too (the shared driver, group
 // terms, BF16 decode, the direct BF16 micro-kernel, the output store) are in kernel_avx512.inc; here
@@ -43,7 +43,7 @@
 // micro-kernel into a driver without it), but their instructions come only from explicit intrinsics
 // (vdpbf16ps / vcvtne2ps2bf16 in the BF16 kernels and dequant_t_bf16, vpdpbusd in the W8A8 kernel):
 // no __bf16 arithmetic and no integer dot-product loops the compiler could lower to them on its own.
-// ops.cpp calls those only when the CPU reports avx512bf16 / avx512vnni; an AVX-512 CPU without them
+// config.cpp enables those only when the CPU reports avx512bf16 / avx512vnni; an AVX-512 CPU without them
 // runs the fp32 kernels.
 
 namespace gptq_cpu {

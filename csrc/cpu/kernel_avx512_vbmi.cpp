@@ -2,7 +2,7 @@
 // own because the VBMI flag must not reach code that runs on AVX-512 CPUs without VBMI (Skylake-SP,
 // Cascade Lake, Cooper Lake): it compiles kernel_avx512.inc (the shared driver, the direct BF16
 // micro-kernel, group terms, output store) a second time under a target with VBMI, and only adds the
-// decode. ops.cpp calls it only when the CPU reports avx512vbmi.
+// decode. config.cpp selects it only when the CPU reports avx512vbmi.
 #include <cstdlib>
 #include <cstring>
 
