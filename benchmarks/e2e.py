@@ -10,7 +10,7 @@ it once (cached in --workdir, keyed by the checkpoint's path, sizes and mtimes) 
 
 Modes, each in its own process (so peak RSS and start-up are that mode's alone), one after the other:
   online-int8, online-int4  vLLM, --quantization gptq_ascend, activations in --dtype
-  online-int8-head8, -int4-head8  the same with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD_INT8=1),
+  online-int8-head8, -int4-head8  the same with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD=int8),
                             like llama.cpp's quantized files, whose output matrix is quantized too
   offline-bf16, -fp16, -fp32  vLLM, the converted dense checkpoint loaded in that dtype
   llama-bf16, -q8_0, -q4_0  llama.cpp (tools/llama_cpp_peer.py: built from PyPI's llama-cpp-python source,
@@ -52,11 +52,11 @@ DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 SHORT = {v: k for k, v in DTYPES.items()}
 VLLM_MODES = ("online-int8", "online-int4", "online-int8-head8", "online-int4-head8", "offline-bf16", "offline-fp16",
               "offline-fp32")
-# `-head8`: the same online mode with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD_INT8=1). llama.cpp's
+# `-head8`: the same online mode with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD=int8). llama.cpp's
 # Q8_0 / Q4_0 files quantize the tied output matrix too (Q8_0 / Q6_K), so this is the like-for-like
 # column against them; the plain online modes keep the checkpoint's dense lm_head.
 HEAD8 = "-head8"
-LM_HEAD_INT8_ENV = "GPTQ_ASCEND_LM_HEAD_INT8"
+LM_HEAD_ENV, LM_HEAD_INT8_ENV = "GPTQ_ASCEND_LM_HEAD", "GPTQ_ASCEND_LM_HEAD_INT8"
 LLAMA_MODES = {"llama-bf16": None, "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
 ALL_MODES = VLLM_MODES + tuple(LLAMA_MODES)
 DEFAULT_CPU_MODES = ("online-int8", "online-int4", "offline-bf16", "offline-fp32")
@@ -349,8 +349,9 @@ def vllm_worker(args: argparse.Namespace) -> dict:
     timed(1, 4)  # warm-up
     result = {"mode": mode, "dtype": dtype, "device": args.device, "enforce_eager": args.enforce_eager,
               "startup_s": startup, "weight_bytes": weights, "prompt": prompt_how}
-    if online:
-        result["lm_head"] = "int8 per row (opt-in)" if os.environ.get(LM_HEAD_INT8_ENV) == "1" else "checkpoint's dense"
+    if online:  # the method the plugin put on the lm_head (it logs why at load)
+        result["lm_head"] = ",".join(sorted(set(llm.apply_model(
+            lambda m: type(getattr(getattr(m, "lm_head", None), "quant_method", None)).__name__))))
     if online and args.device == "cpu":
         from gptq_ascend.backends.cpu import kernel_config
 
@@ -397,9 +398,13 @@ def llama_worker(args: argparse.Namespace) -> dict:
 
 def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bool) -> dict:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop(LM_HEAD_INT8_ENV, None)  # only the -head8 modes run the int8 lm_head, whatever the shell says
+    # Only the -head8 modes run the int8 lm_head, whatever the shell says; another GPTQ_ASCEND_LM_HEAD
+    # choice (auto / ours / vllm) is passed on to the other online modes.
+    env.pop(LM_HEAD_INT8_ENV, None)
+    if env.get(LM_HEAD_ENV) == "int8":
+        env.pop(LM_HEAD_ENV)
     if mode.endswith(HEAD8):
-        env[LM_HEAD_INT8_ENV] = "1"
+        env[LM_HEAD_ENV] = "int8"
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
     cmd = [sys.executable, "-m", "benchmarks.e2e", "--worker", mode, "--model", str(model),
