@@ -133,13 +133,11 @@ def machine() -> dict:
     return info
 
 
-def llama_repack(choice: str, flags: set[str] | None = None) -> bool:
-    """Whether llama.cpp may use its extra buffer types (AMX, repacked Q4_0/Q8_0 layouts). ``auto`` turns
-    them off on AMX CPUs: with GGML_NATIVE the AMX path is compiled in, and at llama.cpp 0c1e570 every
-    Q8_0/Q4_0 matmul died in ggml_backend_amx_mul_mat (SIGSEGV) on this project's AMX Xeon (KVM)."""
-    if choice != "auto":
-        return choice == "on"
-    return "amx_int8" not in (cpu_flags() if flags is None else flags)
+def llama_repack(choice: str) -> bool:
+    """Whether llama.cpp may use its extra buffer types (the repacked Q4_0/Q8_0 layouts). ``auto`` = on:
+    on AMX CPUs the peer's build has the crashing AMX path compiled out (tools/llama_cpp_peer.py), so the
+    repacked layouts, its fastest CPU paths, can stay on everywhere."""
+    return choice != "off"
 
 
 def npu_status() -> tuple[bool, str]:
@@ -528,8 +526,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skip torch.compile (CPU) / run only eager, no graph mode (NPU)")
     ap.add_argument("--llama-cpp-version", default="0.3.36", help="llama-cpp-python release to build from")
     ap.add_argument("--llama-repack", choices=("auto", "on", "off"), default="auto",
-                    help="llama.cpp's extra buffer types (AMX / repacked weights); auto: off on AMX CPUs, "
-                    "where its AMX matmul crashed")
+                    help="llama.cpp's extra buffer types (repacked weights); auto = on (on AMX CPUs the peer is "
+                    "built with ggml's crashing AMX matmul compiled out)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--plot", type=Path, help="write a PNG chart here")
     ap.add_argument("--worker", choices=ALL_MODES, help=argparse.SUPPRESS)

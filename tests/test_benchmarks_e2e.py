@@ -262,8 +262,22 @@ def test_prompts_use_the_tokenizer_and_its_bos(tmp_path):
 
 
 def test_llama_repack_choice():
-    # ggml's AMX matmul crashed on the AMX Xeon (llama.cpp 0c1e570): auto keeps llama.cpp off it there.
-    assert e2e.llama_repack("auto", {"avx512f", "amx_int8", "amx_bf16"}) is False
-    assert e2e.llama_repack("auto", {"avx2", "fma", "f16c"}) is True
-    assert e2e.llama_repack("on", {"amx_int8"}) is True and e2e.llama_repack("off", set()) is False
-    assert e2e.llama_repack("auto") is ("amx_int8" not in this_cpu_flags())
+    # ggml's AMX matmul crashed on the AMX Xeon (llama.cpp 0c1e570): it is compiled out there instead of
+    # turning off the repacked layouts with it.
+    assert e2e.llama_repack("auto") is True and e2e.llama_repack("on") is True
+    assert e2e.llama_repack("off") is False
+
+
+def test_llama_build_compiles_amx_out_on_amx_cpus():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import llama_cpp_peer as lcpp
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    amx = lcpp.cmake_flags(True)
+    assert "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in amx
+    assert "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in amx and "-DGGML_NATIVE=ON" in amx
+    assert not any("amx" in f for f in lcpp.cmake_flags(False))
+    assert lcpp.cpu_has_amx() is ("amx_int8" in this_cpu_flags())
+    lc = lcpp.LlamaCpp("0.0", Path("/nonexistent"))
+    assert lc.build_dir.name == ("build-noamx" if "amx_int8" in this_cpu_flags() else "build")

@@ -36,6 +36,26 @@ TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF")
+# ggml's AMX matmul (compiled in by GGML_NATIVE on AMX CPUs) died with SIGSEGV in ggml_backend_amx_mul_mat
+# on every Q8_0/Q4_0 file at llama.cpp 0c1e570 on this project's AMX Xeon (KVM). Turning the extra buffer
+# types off at run time (--repack 0) also drops the repacked Q4_0/Q8_0 layouts, ggml's fastest AVX-512
+# paths (Q4_0 1.2-1.4x slower without them there), so on AMX CPUs the AMX code is compiled out instead
+# (explicit -mno-* win over -march=native in GCC and Clang) into its own build directory.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return any(line.startswith("flags") and "amx_int8" in line.split()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def cmake_flags(amx_cpu: bool) -> list[str]:
+    return list(CMAKE_FLAGS) + ([f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"] if amx_cpu else [])
+
+
 # Architectures the writer knows: the Hugging Face class and gguf-py's MODEL_ARCH member. Qwen3 is the only
 # one the benchmarks need; a new one needs its own hyper-parameter keys checked against llama.cpp's loader.
 ARCHS = {"Qwen3ForCausalLM": "QWEN3"}
@@ -60,7 +80,7 @@ class LlamaCpp:
 
     @property
     def build_dir(self) -> Path:
-        return self.root / "build"
+        return self.root / ("build-noamx" if cpu_has_amx() else "build")
 
     def tool(self, name: str) -> Path:
         return self.build_dir / "bin" / name
@@ -121,7 +141,7 @@ def ensure_built(version: str = DEFAULT_VERSION, jobs: int | None = None, log=sy
     jobs = jobs or len(os.sched_getaffinity(0))
     print(f"building llama.cpp from llama-cpp-python {version} in {lc.build_dir} "
           f"(~7 min on 2 cores) ...", file=log, flush=True)
-    steps = [["cmake", "-S", str(lc.source), "-B", str(lc.build_dir), *CMAKE_FLAGS]
+    steps = [["cmake", "-S", str(lc.source), "-B", str(lc.build_dir), *cmake_flags(cpu_has_amx())]
              + (["-G", "Ninja"] if _which("ninja") else []),
              ["cmake", "--build", str(lc.build_dir), "-j", str(jobs), "--target", *TOOLS]]
     for step in steps:
