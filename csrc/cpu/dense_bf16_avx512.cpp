@@ -45,6 +45,7 @@ namespace {
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "kernel_portable.inc"  // store_out (scalar, one rounding), private copy for this ISA
 #pragma GCC diagnostic pop
+#include "driver.inc"  // for_row_tiles, with_mr
 
 using dense::DenseArgs;
 
@@ -147,20 +148,11 @@ ALWAYS_INLINE void run_tile(const DenseArgs& a, int64_t n, int64_t m0, bool pf) 
 
 template <bool Dot, int NR>
 ALWAYS_INLINE void run_rows(const DenseArgs& a, int64_t n) {
-  // Row tiles of near-equal height (M = 5 -> 3 + 2, not 4 + 1): fewer accumulators idle.
-  const int64_t tiles = (a.M + kMR - 1) / kMR;
-  int64_t m0 = 0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t mr = (a.M - m0) / (tiles - t);
+  // The shared row-tile split and tile-height ladder (driver.inc): near-equal tiles, M = 5 -> 3 + 2.
+  for_row_tiles<kMR>(a.M, [&](int64_t t, int64_t m0, int mr) {
     const bool pf = a.prefetch && t == 0;
-    switch (mr) {
-      case 1: run_tile<Dot, NR, 1>(a, n, m0, pf); break;
-      case 2: run_tile<Dot, NR, 2>(a, n, m0, pf); break;
-      case 3: run_tile<Dot, NR, 3>(a, n, m0, pf); break;
-      default: run_tile<Dot, NR, 4>(a, n, m0, pf); break;
-    }
-    m0 += mr;
-  }
+    with_mr<kMR>(mr, [&]<int MR>() { run_tile<Dot, NR, MR>(a, n, m0, pf); });
+  });
 }
 
 template <bool Dot>
