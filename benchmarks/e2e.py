@@ -61,6 +61,13 @@ LLAMA_MODES = {"llama-bf16": None, "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
 ALL_MODES = VLLM_MODES + tuple(LLAMA_MODES)
 DEFAULT_CPU_MODES = ("online-int8", "online-int4", "offline-bf16", "offline-fp32")
 PROMPT_LEN = 128
+# --cpu-tier avx2 stands an AVX-512 host in for an AVX2-only CPU (Zen 1, Haswell): the plugin's kernels
+# forced to their AVX2 tier, oneDNN and MKL (vLLM's and torch's dense paths) capped at AVX2, llama.cpp
+# built with ggml's AVX2 set instead of -march=native, and the default activation dtype such a CPU gets.
+# vLLM's own kernels (attention, norms) keep the host's ISA: they have no run-time cap.
+TIER_ENV = {"native": {}, "avx2": {"GPTQ_ASCEND_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+TIER_FLAGS = {"avx2": {"avx2", "fma", "f16c"}}
 
 
 def base_mode(mode: str) -> str:
@@ -127,10 +134,25 @@ def machine() -> dict:
         pass
     proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     info["commit"] = proc.stdout.strip() or "unknown"
-    for var in ("GPTQ_ASCEND_CPU_ISA", "GPTQ_ASCEND_CPU_W8A8", "VLLM_CPU_KVCACHE_SPACE"):
+    for var in ("GPTQ_ASCEND_CPU_ISA", "GPTQ_ASCEND_CPU_W8A8", "VLLM_CPU_KVCACHE_SPACE", "ONEDNN_MAX_CPU_ISA",
+                "MKL_ENABLE_INSTRUCTIONS", "GPTQ_ASCEND_LM_HEAD"):
         if os.environ.get(var):
             info[var] = os.environ[var]
     return info
+
+
+def probe_bandwidth(threads: int) -> float:
+    """DRAM read GB/s right now (benchmarks.dequant's probe: torch.sum over 1 GiB, median of 5), in a
+    process of its own so it neither disturbs nor is disturbed by a mode; recorded beside each mode, since
+    a shared host's bandwidth moves between minutes (this project's Xeon had a ~30 and a ~48 GB/s state)."""
+    code = (f"import statistics, torch; torch.set_num_threads({threads}); "
+            "from benchmarks.dequant import measure_bandwidth; print(statistics.median(measure_bandwidth(1024, 5)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    try:
+        return float(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise E2EError(f"the bandwidth probe failed (exit {proc.returncode}): "
+                       f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}") from None
 
 
 def llama_repack(choice: str) -> bool:
@@ -240,7 +262,7 @@ def prepare_gguf(dense: Path, modes: list[str], args: argparse.Namespace) -> dic
     import llama_cpp_peer as lcpp
 
     try:
-        lc = lcpp.ensure_built(args.llama_cpp_version)
+        lc = lcpp.ensure_built(args.llama_cpp_version, tier=args.cpu_tier)
         src = dense.parent / f"{dense.name}.gguf"
         if not src.exists():
             print(f"writing {src} ...", file=sys.stderr, flush=True)
@@ -373,7 +395,8 @@ def llama_worker(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT / "tools"))
     import llama_cpp_peer as lcpp
 
-    lc = lcpp.LlamaCpp(args.llama_cpp_version, lcpp.cache_root() / f"llama.cpp-{args.llama_cpp_version}")
+    lc = lcpp.LlamaCpp(args.llama_cpp_version, lcpp.cache_root() / f"llama.cpp-{args.llama_cpp_version}",
+                       args.cpu_tier)
     batch = max(int(b) for b in args.batches.split(","))
     try:
         result = lcpp.bench(lc, Path(args.model), args.threads, args.repeats, PROMPT_LEN, args.decode_tokens,
@@ -390,6 +413,7 @@ def llama_worker(args: argparse.Namespace) -> dict:
     del reader
     result.update(mode=args.worker, dtype=args.worker.split("-")[1], device="cpu", startup_s=None,
                   prompt="llama-bench random token ids", llama_cpp_version=args.llama_cpp_version,
+                  llama_build=lc.build_dir.name,
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
     return result
 
@@ -405,10 +429,12 @@ def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bo
         env[LM_HEAD_ENV] = "int8"
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.update(TIER_ENV[args.cpu_tier])
     cmd = [sys.executable, "-m", "benchmarks.e2e", "--worker", mode, "--model", str(model),
            "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype,
            "--device", args.device, "--batches", args.batches, "--threads", str(args.threads),
-           "--llama-cpp-version", args.llama_cpp_version, "--llama-repack", args.llama_repack]
+           "--llama-cpp-version", args.llama_cpp_version, "--llama-repack", args.llama_repack,
+           "--cpu-tier", args.cpu_tier]
     if enforce_eager:
         cmd.append("--enforce-eager")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -435,11 +461,22 @@ def combine(rounds: list[dict]) -> dict:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
                 isinstance(r.get(k), (int, float)) for r in rounds):
             out[k] = statistics.median(r[k] for r in rounds)
-            if len(rounds) > 1 and k.startswith(("decode_tok_s", "ttft_s")):
+            if len(rounds) > 1 and k.startswith(("decode_tok_s", "ttft_s", "dram_read_gbs")):
                 out[f"{k}_rounds"] = [r[k] for r in rounds]
     out["rounds"] = len(rounds)
     out["started"] = [r.get("started") for r in rounds]
     return out
+
+
+def ratio_text(a: dict, b: dict, key: str) -> str:
+    """a / b of the medians, and with several rounds also the ratio inside each round (the two modes ran
+    minutes apart there, under the same state of the host) and the median of those."""
+    text = f"{a[key] / b[key]:.2f}x"
+    ra, rb = a.get(f"{key}_rounds"), b.get(f"{key}_rounds")
+    if ra and rb and len(ra) == len(rb):
+        per = [x / y for x, y in zip(ra, rb, strict=True)]
+        text += f" (per round {' / '.join(f'{v:.2f}' for v in per)}, median {statistics.median(per):.2f}x)"
+    return text
 
 
 def ratios(results: list[dict], batch: int = 1) -> list[str]:
@@ -452,10 +489,10 @@ def ratios(results: list[dict], batch: int = 1) -> list[str]:
         if not r["mode"].startswith("online-") or key not in r:
             continue
         if best:
-            lines.append(f"{label(r)} / {label(best)} (best dense vLLM): {r[key] / best[key]:.2f}x")
+            lines.append(f"{label(r)} / {label(best)} (best dense vLLM): {ratio_text(r, best, key)}")
         peer = {"online-int8": "llama-q8_0", "online-int4": "llama-q4_0"}.get(base_mode(r["mode"]))
         if peer in by:
-            lines.append(f"{label(r)} / {peer}: {r[key] / by[peer][key]:.2f}x")
+            lines.append(f"{label(r)} / {peer}: {ratio_text(r, by[peer], key)}")
     return lines
 
 
@@ -464,13 +501,14 @@ def table(results: list[dict], batches: list[int]) -> str:
         return "-" if v is None else f"{v / scale:{f}}{unit}"
 
     head = f"{'mode':<20} {'dtype':<8} " + " ".join(f"{'decode b' + str(b):>10}" for b in batches)
-    rows = [head + f" {'TTFT':>8} {'weights':>8} {'peak RSS':>8} {'start-up':>8}"]
+    rows = [head + f" {'TTFT':>8} {'weights':>8} {'peak RSS':>8} {'start-up':>8} {'DRAM':>9}"]
     for r in results:
         rows.append(f"{label(r):<20} {r.get('dtype', ''):<8} "
                     + " ".join(f"{fmt(r.get(f'decode_tok_s_b{b}'), '.2f', unit='/s'):>10}" for b in batches)
                     + f" {fmt(r.get('ttft_s'), '.0f', 1e-3, 'ms'):>8} {fmt(r['weight_bytes'], '.2f', 1e9, 'GB'):>8}"
                     f" {fmt(r.get('peak_rss_bytes'), '.2f', 1e9, 'GB'):>8}"
-                    f" {fmt(r.get('startup_s'), '.1f', unit='s'):>8}")
+                    f" {fmt(r.get('startup_s'), '.1f', unit='s'):>8}"
+                    f" {fmt(r.get('dram_read_gbs'), '.1f', unit='GB/s'):>9}")
     return "\n".join(rows)
 
 
@@ -528,6 +566,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--llama-repack", choices=("auto", "on", "off"), default="auto",
                     help="llama.cpp's extra buffer types (repacked weights); auto = on (on AMX CPUs the peer is "
                     "built with ggml's crashing AMX matmul compiled out)")
+    ap.add_argument("--cpu-tier", choices=tuple(TIER_ENV), default=None,
+                    help="avx2: run as an AVX2-only CPU would (the plugin's AVX2 kernels, oneDNN/MKL capped at "
+                    "AVX2, llama.cpp built without AVX-512, float32 activations by default); vLLM's own "
+                    "attention/norm kernels keep this CPU's ISA (default: avx2 when GPTQ_ASCEND_CPU_ISA=avx2 "
+                    "is set, else native)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--plot", type=Path, help="write a PNG chart here")
     ap.add_argument("--worker", choices=ALL_MODES, help=argparse.SUPPRESS)
@@ -543,8 +586,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 1,8")
     if not batches or min(batches) < 1 or 1 not in batches:
         ap.error(f"--batches {args.batches!r}: batch sizes must be >= 1 and include 1")
+    if args.cpu_tier is None:
+        args.cpu_tier = "avx2" if os.environ.get("GPTQ_ASCEND_CPU_ISA") == "avx2" else "native"
+    if args.cpu_tier != "native":
+        if args.device != "cpu":
+            ap.error(f"--cpu-tier {args.cpu_tier} is a CPU setting; not with --device {args.device}")
+        lacking = TIER_FLAGS[args.cpu_tier] - cpu_flags()
+        if lacking:
+            ap.error(f"--cpu-tier {args.cpu_tier}: this CPU lacks {', '.join(sorted(lacking))}")
     if args.dtype == "auto":
-        args.dtype = "float16" if args.device == "npu" else default_dtype()
+        args.dtype = ("float16" if args.device == "npu" else
+                      default_dtype(TIER_FLAGS.get(args.cpu_tier)))
     if args.worker:
         return args
     if args.model is not None and not (args.model / "config.json").is_file():
@@ -599,8 +651,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds}: {tag} ...",
                       file=sys.stderr, flush=True)
                 started = time.strftime("%H:%M:%S UTC", time.gmtime())
+                bandwidth = probe_bandwidth(args.threads) if args.device == "cpu" else None
                 result = run_mode(mode, model_for[mode], args, eager)
                 result["started"] = started
+                if bandwidth is not None:
+                    result["dram_read_gbs"] = bandwidth
                 runs.setdefault(tag, []).append(result)
                 if args.json:  # what is done so far survives an interrupted run; not a result file
                     partial = args.json.with_name(args.json.name + ".partial")
@@ -609,10 +664,16 @@ def main(argv: list[str] | None = None) -> None:
     results = [combine(r) for r in runs.values()]
     batches = [int(b) for b in args.batches.split(",")]
     info = machine()
+    info["cpu_tier"] = args.cpu_tier
     source = str(args.model) if args.model else f"synthetic Qwen3-1.7B shape, {args.layers} layers"
+    emulated = ""
+    if args.cpu_tier != "native":
+        caps = ", ".join(f"{k}={v}" for k, v in TIER_ENV[args.cpu_tier].items())
+        emulated = (f"{args.cpu_tier.upper()} TIER EMULATED on this CPU ({caps}; llama.cpp GGML_NATIVE=OFF; "
+                    "vLLM's own kernels keep this CPU's ISA), ")
     header = (f"benchmarks.e2e {info['date_utc']} on {info['cpu']} ({info['cores']} cores, "
               f"{' '.join(info['isa_flags'])}), commit {info['commit']}: {source}, device {args.device}, "
-              f"online dtype {args.dtype}, {args.rounds} round(s) x {args.repeats} repeats, "
+              f"{emulated}online dtype {args.dtype}, {args.rounds} round(s) x {args.repeats} repeats, "
               f"{args.decode_tokens} decode tokens, enforce_eager={args.enforce_eager}")
     print(header)
     print(table(results, batches))

@@ -154,7 +154,10 @@ def this_cpu_flags() -> set[str]:
 
 def test_default_dtype_follows_this_cpu():
     native_bf16 = bool(this_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    assert e2e.parse_args([]).dtype == ("bfloat16" if native_bf16 else "float32")
+    # GPTQ_ASCEND_CPU_ISA=avx2 in the environment means "run as an AVX2-only CPU" (--cpu-tier's default).
+    avx2_forced = os.environ.get("GPTQ_ASCEND_CPU_ISA") == "avx2"
+    assert e2e.parse_args([]).dtype == ("bfloat16" if native_bf16 and not avx2_forced else "float32")
+    assert e2e.parse_args([]).cpu_tier == ("avx2" if avx2_forced else "native")
     assert e2e.default_dtype({"avx2", "fma", "f16c"}) == "float32"  # Zen 1
     assert e2e.default_dtype({"avx512f", "avx512_bf16"}) == "bfloat16"  # Zen 4
     assert e2e.parse_args(["--dtype", "float32"]).dtype == "float32"
@@ -190,6 +193,8 @@ def test_mode_lists():
     (["--model", "/nonexistent/dir"], "no config.json there"),
     (["--device", "npu", "--modes", "llama-q8_0"], "--device npu runs online-intN and offline-fp16/bf16 only"),
     (["--device", "npu", "--modes", "online-int8-head8"], "--device npu runs online-intN and offline-fp16/bf16 only"),
+    (["--device", "npu", "--cpu-tier", "avx2"], "--cpu-tier avx2 is a CPU setting"),
+    (["--cpu-tier", "avx512"], "invalid choice: 'avx512'"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -281,3 +286,33 @@ def test_llama_build_compiles_amx_out_on_amx_cpus():
     assert lcpp.cpu_has_amx() is ("amx_int8" in this_cpu_flags())
     lc = lcpp.LlamaCpp("0.0", Path("/nonexistent"))
     assert lc.build_dir.name == ("build-noamx" if "amx_int8" in this_cpu_flags() else "build")
+
+
+def test_avx2_tier_emulation():
+    """--cpu-tier avx2: the AVX2 caps go to every mode's process, llama.cpp gets ggml's AVX2 build, and the
+    activations default to what an AVX2-only CPU runs fastest (float32)."""
+    if not {"avx2", "fma", "f16c"} <= this_cpu_flags():
+        with pytest.raises(SystemExit):
+            e2e.parse_args(["--cpu-tier", "avx2"])
+        return
+    args = e2e.parse_args(["--cpu-tier", "avx2", "--modes", "online-int8,llama-q8_0"])
+    assert (args.cpu_tier, args.dtype) == ("avx2", "float32")
+    assert e2e.parse_args(["--cpu-tier", "avx2", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert e2e.TIER_ENV["avx2"] == {"GPTQ_ASCEND_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    flags = lcpp.cmake_flags(lcpp.cpu_has_amx(), "avx2")
+    assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_NATIVE=ON" not in flags
+    assert not any("AVX512" in f or "amx" in f or "march" in f for f in flags)
+    assert lcpp.LlamaCpp("0.0", Path("/nonexistent"), "avx2").build_dir.name == "build-avx2"
+    with pytest.raises(lcpp.LlamaCppError, match="unknown llama.cpp build tier 'avx9'"):
+        lcpp.ensure_source("0.0", tier="avx9")
+
+
+def test_ratios_per_round():
+    """With several rounds a ratio is also given inside each round (same host state), and their median."""
+    a = {"mode": "online-int8", "decode_tok_s_b1": 12.0, "decode_tok_s_b1_rounds": [10.0, 12.0, 20.0]}
+    b = {"mode": "llama-q8_0", "decode_tok_s_b1": 10.0, "decode_tok_s_b1_rounds": [10.0, 8.0, 10.0]}
+    d = {"mode": "offline-bf16", "decode_tok_s_b1": 5.0}
+    lines = e2e.ratios([a, b, d])
+    assert lines[0] == "online-int8 / offline-bf16 (best dense vLLM): 2.40x"
+    assert lines[1] == "online-int8 / llama-q8_0: 1.20x (per round 1.00 / 1.50 / 2.00, median 1.50x)"

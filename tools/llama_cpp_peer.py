@@ -1,6 +1,6 @@
 """llama.cpp as the peer of the end-to-end benchmark: built from PyPI's llama-cpp-python source, cached.
 
-    python tools/llama_cpp_peer.py build [--version 0.3.36]          # download the sdist, build the tools
+    python tools/llama_cpp_peer.py build [--version 0.3.36] [--tier avx2]  # download the sdist, build the tools
     python tools/llama_cpp_peer.py gguf HF_DIR OUT.gguf              # a dense Qwen3 checkpoint -> GGUF
     python tools/llama_cpp_peer.py quantize IN.gguf OUT.gguf Q8_0    # llama.cpp's own llama-quantize
 
@@ -8,7 +8,8 @@ The sdist (`pip download --no-deps --no-binary :all: llama-cpp-python==VERSION`)
 its gguf-py; nothing is installed into any environment. Everything lives under
 ``$XDG_CACHE_HOME/gptq-ascend`` (default ~/.cache/gptq-ascend): ``sdist/`` the downloaded archive,
 ``llama.cpp-VERSION/src`` the unpacked source, ``llama.cpp-VERSION/build`` the cmake build (Release,
-GGML_NATIVE=ON so ggml compiles for this CPU, static, no network code). A build takes ~7 minutes on 2
+GGML_NATIVE=ON so ggml compiles for this CPU, static, no network code; ``build-noamx`` on AMX CPUs, see
+NO_AMX; ``build-avx2`` for ``--tier avx2``, an AVX2-only CPU's build). A build takes ~7 minutes on 2
 cores and is reused as long as its binaries exist.
 
 The GGUF writer copies a dense (unquantized) Hugging Face checkpoint tensor for tensor, bit for bit (BF16
@@ -42,6 +43,11 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=O
 # paths (Q4_0 1.2-1.4x slower without them there), so on AMX CPUs the AMX code is compiled out instead
 # (explicit -mno-* win over -march=native in GCC and Clang) into its own build directory.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# Tiers the peer can be built for. "native" is GGML_NATIVE (this CPU's best, AMX compiled out as above);
+# "avx2" is ggml's own non-native default set (SSE4.2, AVX, AVX2, BMI2, FMA, F16C; no AVX-512), i.e. what
+# an AVX2-only CPU such as Zen 1 builds natively, so that an AVX-512 host can stand in for one (next to
+# GPTQ_ASCEND_CPU_ISA=avx2 on the plugin's side).
+TIERS = ("native", "avx2")
 
 
 def cpu_has_amx() -> bool:
@@ -52,7 +58,9 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def cmake_flags(amx_cpu: bool) -> list[str]:
+def cmake_flags(amx_cpu: bool, tier: str = "native") -> list[str]:
+    if tier == "avx2":
+        return [f if f != "-DGGML_NATIVE=ON" else "-DGGML_NATIVE=OFF" for f in CMAKE_FLAGS]
     return list(CMAKE_FLAGS) + ([f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"] if amx_cpu else [])
 
 
@@ -73,6 +81,7 @@ def cache_root() -> Path:
 class LlamaCpp:
     version: str
     root: Path  # llama.cpp-VERSION
+    tier: str = "native"  # of TIERS
 
     @property
     def source(self) -> Path:
@@ -80,6 +89,8 @@ class LlamaCpp:
 
     @property
     def build_dir(self) -> Path:
+        if self.tier == "avx2":
+            return self.root / "build-avx2"
         return self.root / ("build-noamx" if cpu_has_amx() else "build")
 
     def tool(self, name: str) -> Path:
@@ -102,9 +113,11 @@ class LlamaCpp:
         return "unknown"
 
 
-def ensure_source(version: str = DEFAULT_VERSION, gguf_only: bool = False) -> LlamaCpp:
+def ensure_source(version: str = DEFAULT_VERSION, gguf_only: bool = False, tier: str = "native") -> LlamaCpp:
     """Download (once) and unpack llama-cpp-python's sdist; with ``gguf_only`` just its gguf-py."""
-    lc = LlamaCpp(version, cache_root() / f"llama.cpp-{version}")
+    if tier not in TIERS:
+        raise LlamaCppError(f"unknown llama.cpp build tier {tier!r}; expected one of {', '.join(TIERS)}")
+    lc = LlamaCpp(version, cache_root() / f"llama.cpp-{version}", tier)
     marker = lc.source / "CMakeLists.txt"
     if (lc.source / "gguf-py" / "gguf" / "__init__.py").exists() and (gguf_only or marker.exists()):
         return lc
@@ -133,15 +146,17 @@ def ensure_source(version: str = DEFAULT_VERSION, gguf_only: bool = False) -> Ll
     return lc
 
 
-def ensure_built(version: str = DEFAULT_VERSION, jobs: int | None = None, log=sys.stderr) -> LlamaCpp:
-    """Build llama-bench, llama-batched-bench and llama-quantize once for this CPU; return the handle."""
-    lc = ensure_source(version)
+def ensure_built(version: str = DEFAULT_VERSION, jobs: int | None = None, log=sys.stderr,
+                 tier: str = "native") -> LlamaCpp:
+    """Build llama-bench, llama-batched-bench and llama-quantize once for this CPU (or, with ``tier``
+    "avx2", for an AVX2-only one); return the handle."""
+    lc = ensure_source(version, tier=tier)
     if lc.built:
         return lc
     jobs = jobs or len(os.sched_getaffinity(0))
     print(f"building llama.cpp from llama-cpp-python {version} in {lc.build_dir} "
           f"(~7 min on 2 cores) ...", file=log, flush=True)
-    steps = [["cmake", "-S", str(lc.source), "-B", str(lc.build_dir), *cmake_flags(cpu_has_amx())]
+    steps = [["cmake", "-S", str(lc.source), "-B", str(lc.build_dir), *cmake_flags(cpu_has_amx(), lc.tier)]
              + (["-G", "Ninja"] if _which("ninja") else []),
              ["cmake", "--build", str(lc.build_dir), "-j", str(jobs), "--target", *TOOLS]]
     for step in steps:
@@ -355,7 +370,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python release whose source to use")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="download the source and build the tools (cached)")
+    b = sub.add_parser("build", help="download the source and build the tools (cached)")
+    b.add_argument("--tier", choices=TIERS, default="native",
+                   help="native: GGML_NATIVE for this CPU; avx2: ggml's AVX2 set, as an AVX2-only CPU builds")
     g = sub.add_parser("gguf", help="write a dense Qwen3 checkpoint as GGUF")
     g.add_argument("hf_dir", type=Path)
     g.add_argument("out", type=Path)
@@ -366,7 +383,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         if args.cmd == "build":
-            lc = ensure_built(args.version)
+            lc = ensure_built(args.version, tier=args.tier)
             print(f"llama.cpp {lc.commit()} in {lc.build_dir / 'bin'}")
         elif args.cmd == "gguf":
             if args.out.exists():
