@@ -341,6 +341,8 @@ def bench(lc: LlamaCpp, model: Path, threads: int, repeats: int, prompt: int, ge
               "weight_bytes": int(tg["model_size"]), "n_params": int(tg["model_n_params"]),
               "llama_cpp_commit": tg.get("build_commit", "unknown"), "threads": threads,
               "cpu_info": tg.get("cpu_info", ""), "repack": repack}
+    if batch == 1:  # llama-bench's figure is the batch-1 one; batched-bench would overwrite it
+        return result
     rates = []
     for _ in range(repeats):
         proc = subprocess.run([str(lc.tool("llama-batched-bench")), "-m", *base, "-c", "0",
