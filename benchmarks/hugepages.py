@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--passes", type=int, default=3, help="rotations per variant per round")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--alloc", choices=("mmap", "backend"), default="mmap",
+                    help="mmap: both copies advised here (NOHUGEPAGE vs HUGEPAGE); backend: the backend's own "
+                         "huge-page copy vs an ordinary torch clone")
     args = ap.parse_args()
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -89,10 +92,15 @@ def main() -> int:
     variants: dict[str, list[dict]] = {"thp": [], "4k": []}
     for _ in range(args.layers):
         for name in variants:
-            mm, buf = advised_buffer(nb, huge=name == "thp")
-            c = buf.view(codes.shape)
-            c.copy_(codes)  # first touch, after the advice
-            keep.append(mm)
+            if args.alloc == "backend":
+                from gptq_ascend.backends import cpu as cpu_mod
+
+                c = cpu_mod._in_huge_pages(codes) if name == "thp" else codes.clone()
+            else:
+                mm, buf = advised_buffer(nb, huge=name == "thp")
+                c = buf.view(codes.shape)
+                c.copy_(codes)  # first touch, after the advice
+                keep.append(mm)
             d = {k: v.clone() for k, v in packed.tensors.items()}
             d["codes"] = c
             variants[name].append(d)
@@ -126,7 +134,7 @@ def main() -> int:
 
     layer_mib = nb / 2**20
     print(f"date {datetime.now(timezone.utc).isoformat(timespec='minutes')}  host {platform.node()}  "
-          f"THP mode [{thp_mode()}]  threads {args.threads}  clock {clock.__name__}")
+          f"THP mode [{thp_mode()}]  threads {args.threads}  clock {clock.__name__}  alloc {args.alloc}")
     print(f"layer K={args.k} N={args.n} int{args.bits} g{args.group_size} M={args.m}: codes {layer_mib:.2f} MiB, "
           f"rotation {args.layers} layers = {layer_mib * args.layers:.0f} MiB per variant")
     for name, (h, r) in pages.items():
