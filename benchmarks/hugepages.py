@@ -25,14 +25,6 @@ import torch
 HUGE = 2 << 20
 
 
-def thp_mode() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read().split("[", 1)[1].split("]", 1)[0]
-    except (OSError, IndexError):
-        return "unavailable"
-
-
 def advised_buffer(nbytes: int, huge: bool) -> tuple[mmap.mmap, torch.Tensor]:
     """A 2 MiB-aligned uint8 tensor of nbytes in its own mapping, advised before any page is touched."""
     mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -79,6 +71,7 @@ def main() -> int:
     from dequant import random_layer
 
     from gptq_ascend import ops
+    from gptq_ascend.backends import cpu as cpu_mod
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -93,8 +86,6 @@ def main() -> int:
     for _ in range(args.layers):
         for name in variants:
             if args.alloc == "backend":
-                from gptq_ascend.backends import cpu as cpu_mod
-
                 c = cpu_mod._in_huge_pages(codes) if name == "thp" else codes.clone()
             else:
                 mm, buf = advised_buffer(nb, huge=name == "thp")
@@ -134,7 +125,7 @@ def main() -> int:
 
     layer_mib = nb / 2**20
     print(f"date {datetime.now(timezone.utc).isoformat(timespec='minutes')}  host {platform.node()}  "
-          f"THP mode [{thp_mode()}]  threads {args.threads}  clock {clock.__name__}  alloc {args.alloc}")
+          f"THP mode [{cpu_mod.thp_mode()}]  threads {args.threads}  clock {clock.__name__}  alloc {args.alloc}")
     print(f"layer K={args.k} N={args.n} int{args.bits} g{args.group_size} M={args.m}: codes {layer_mib:.2f} MiB, "
           f"rotation {args.layers} layers = {layer_mib * args.layers:.0f} MiB per variant")
     for name, (h, r) in pages.items():
