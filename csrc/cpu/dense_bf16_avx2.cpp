@@ -15,24 +15,13 @@
 
 #include "dense_bf16.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define GPTQ_ISA_TARGET "avx2,fma,f16c"
+#define GPTQ_ISA_PORTABLE  // store_out, bf16_to_float
+#include "isa_begin.inc"
+#if GPTQ_ISA_X86_64
 
 namespace gptq_cpu {
 namespace {
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#include "kernel_portable.inc"  // store_out, bf16_to_float (private copies for this ISA)
-#pragma GCC diagnostic pop
 #include "driver.inc"  // for_row_tiles, with_mr
 
 using dense::DenseArgs;
@@ -108,14 +97,9 @@ bool dense_f32(const DenseArgs& a, int64_t n0, int64_t n1) {
 }  // namespace dense::avx2
 }  // namespace gptq_cpu
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
-
-#else  // not x86-64
+#else  // not x86-64: stubs, the dispatcher never selects them
 namespace gptq_cpu::dense::avx2 {
 bool dense_f32(const DenseArgs&, int64_t, int64_t) { return false; }
 }  // namespace gptq_cpu::dense::avx2
 #endif
+#include "isa_end.inc"

@@ -1,6 +1,6 @@
 // AVX2 + FMA + F16C kernels (Haswell and later, Zen 1-3) for the layout of kernel.h (read its header
 // comment first), written with intrinsics on the shared small-M driver (driver.inc). Only this
-// translation unit gets the target flags, through the pragma below, so the rest of the extension stays
+// translation unit gets the target flags, through isa_begin.inc, so the rest of the extension stays
 // at the baseline ISA. Nothing in here includes a torch header (see the ODR note in kernel.h). The
 // dequantization for the large-M path is here too (dequant_impl).
 //
@@ -23,25 +23,14 @@
 
 #include "kernel.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define GPTQ_ISA_TARGET "avx2,fma,f16c"
+#define GPTQ_ISA_COMPILED avx2_compiled
+#define GPTQ_ISA_PORTABLE  // store_out, nib_byte
+#include "isa_begin.inc"
+#if GPTQ_ISA_X86_64
 
 namespace gptq_cpu {
 namespace {
-// The portable loops supply the scalar helpers (store_out, nib_byte); their kernels are unused here.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#include "kernel_portable.inc"
-#pragma GCC diagnostic pop
 #include "driver.inc"
 
 // ------------------------------------------------------------------------------------------------
@@ -626,24 +615,12 @@ bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
 }  // namespace avx2
 }  // namespace gptq_cpu
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
-
-namespace gptq_cpu {
-bool avx2_compiled() { return true; }
-}  // namespace gptq_cpu
-
 #else  // not x86-64: stubs, the dispatcher never selects them
 
-namespace gptq_cpu {
-namespace avx2 {
+namespace gptq_cpu::avx2 {
 bool fused_gemm(const GemmArgs&, int64_t, int64_t) { return false; }
 bool fused_gemm_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
-}  // namespace avx2
-bool avx2_compiled() { return false; }
-}  // namespace gptq_cpu
+}  // namespace gptq_cpu::avx2
 #endif
+#include "isa_end.inc"

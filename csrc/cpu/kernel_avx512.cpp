@@ -1,7 +1,7 @@
 // AVX-512 kernels for the layout of kernel.h (read its header comment first).
 //
 // Only this translation unit (and kernel_avx512_vbmi.cpp) is compiled for AVX-512 (F/BW/VL/DQ/BF16),
-// via the pragma below; config.cpp picks it at run time with __builtin_cpu_supports, so the extension still
+// via isa_begin.inc; config.cpp picks it at run time with __builtin_cpu_supports, so the extension still
 // loads and runs on CPUs without it. No torch header and no std:: function template is used in here
 // (ODR note in kernel.h). The pieces kernel_avx512_vbmi.cpp compiles too (the shared driver, group
 // terms, BF16 decode, the direct BF16 micro-kernel, the output store) are in kernel_avx512.inc; here
@@ -29,16 +29,10 @@
 
 #include "kernel.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c"))), \
-                             apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c")
-#endif
+#define GPTQ_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c"
+#define GPTQ_ISA_COMPILED avx512_compiled
+#include "isa_begin.inc"
+#if GPTQ_ISA_X86_64
 // AVX512-BF16 and -VNNI are enabled for the whole unit (GCC refuses to inline a BF16-target
 // micro-kernel into a driver without it), but their instructions come only from explicit intrinsics
 // (vdpbf16ps / vcvtne2ps2bf16 in the BF16 kernels and dequant_t_bf16, vpdpbusd in the W8A8 kernel):
@@ -600,26 +594,14 @@ bool dequant_vnni_bf16(const DequantArgs& a, int64_t b0, int64_t b1) {
 }  // namespace avx512
 }  // namespace gptq_cpu
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+#else  // not x86-64: stubs, the dispatcher never selects them
 
-namespace gptq_cpu {
-bool avx512_compiled() { return true; }
-}  // namespace gptq_cpu
-
-#else  // not x86-64
-
-namespace gptq_cpu {
-namespace avx512 {
+namespace gptq_cpu::avx512 {
 bool fused_gemm(const GemmArgs&, int64_t, int64_t, bool) { return false; }
 bool fused_gemm_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 bool dequant_t_bf16(const DequantArgs&, int64_t, int64_t) { return false; }
 bool dequant_vnni_bf16(const DequantArgs&, int64_t, int64_t) { return false; }
-}  // namespace avx512
-bool avx512_compiled() { return false; }
-}  // namespace gptq_cpu
+}  // namespace gptq_cpu::avx512
 #endif
+#include "isa_end.inc"

@@ -8,16 +8,9 @@
 
 #include "kernel.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,avx2,fma,f16c"))), \
-                             apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,avx2,fma,f16c")
-#endif
+#define GPTQ_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,avx2,fma,f16c"
+#include "isa_begin.inc"
+#if GPTQ_ISA_X86_64
 
 namespace gptq_cpu {
 namespace {
@@ -86,15 +79,10 @@ bool fused_gemm_i8_bf16(const GemmArgs& a, int64_t b0, int64_t b1) {
 }  // namespace avx512_vbmi
 }  // namespace gptq_cpu
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
-
-#else  // not x86-64
+#else  // not x86-64: stubs, the dispatcher never selects them
 
 namespace gptq_cpu::avx512_vbmi {
 bool fused_gemm_i8_bf16(const GemmArgs&, int64_t, int64_t) { return false; }
 }  // namespace gptq_cpu::avx512_vbmi
 #endif
+#include "isa_end.inc"

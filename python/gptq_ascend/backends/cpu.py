@@ -30,6 +30,10 @@ BF16-weight GEMV / small-M GEMM, csrc/cpu/dense_bf16.cpp: the dense lm_head, see
 
 from __future__ import annotations
 
+import mmap
+import os
+import re
+
 import torch
 
 from .. import format as fmt
@@ -78,6 +82,48 @@ def _register_fakes() -> None:
 
 if _IMPORT_ERROR is None:
     _register_fakes()
+
+
+_HUGE_PAGE = 2 << 20
+_THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``); "" where it has none."""
+    try:
+        with open(_THP_ENABLED) as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return ""
+    return m.group(1) if m else ""
+
+
+def hugepages_wanted() -> bool:
+    """Whether packed codes go into huge pages: THP ``madvise`` or ``always``, unless GPTQ_ASCEND_HUGEPAGES=0."""
+    return os.environ.get("GPTQ_ASCEND_HUGEPAGES", "1") != "0" and thp_mode() in ("madvise", "always")
+
+
+def _in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of contiguous ``t`` in its own anonymous mapping whose 2 MiB-aligned whole pages are advised
+    MADV_HUGEPAGE before the first touch; ``t`` itself when huge pages are off or ``t`` is under 2 MiB.
+
+    Why: every decoded token streams every code byte once; in 4 KiB pages that is a TLB miss (a page walk,
+    two-dimensional under KVM) every 4 KiB. Backed by 2 MiB pages the 1-thread GEMV ran 1.00-1.055x faster
+    (median ~1.04 over nine shapes/runs, docs/notes/issue-11-e2e-peer.md "Session 6 (huge pages)").
+    torch's allocator only does this under THP_MEM_ALLOC_ENABLE=1, read once at its first allocation,
+    which a plugin cannot set in time. The tail past the last whole huge page stays in 4 KiB pages, so no
+    huge page is only partly used. The tensor keeps the mapping alive (torch.frombuffer holds it).
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not hugepages_wanted():
+        return t
+    mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mm, dtype=torch.uint8)
+    off = -whole.data_ptr() % _HUGE_PAGE
+    mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+    out = whole[off:off + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def _nibble_byte_of_column() -> torch.Tensor:
@@ -166,7 +212,7 @@ class CPUBackend(Backend):
         scales = torch.zeros(len(ids), npad, dtype=s_dtype)
         scales[:, :n] = scales_src[ids].to(s_dtype)
         scales = scales.view(len(ids), nblk, BLOCK_N).permute(1, 0, 2).contiguous()
-        tensors = {"codes": packed, "scales": scales}
+        tensors = {"codes": _in_huge_pages(packed), "scales": scales}
         zsel = z[ids]
         if not bool((zsel == spec.sym_zero).all()):
             zeros = torch.zeros(len(ids), npad, dtype=torch.uint8)
