@@ -157,7 +157,8 @@ def ensure_built(version: str = DEFAULT_VERSION, jobs: int | None = None, log=sy
     print(f"building llama.cpp from llama-cpp-python {version} in {lc.build_dir} "
           f"(~7 min on 2 cores) ...", file=log, flush=True)
     steps = [["cmake", "-S", str(lc.source), "-B", str(lc.build_dir), *cmake_flags(cpu_has_amx(), lc.tier)]
-             + (["-G", "Ninja"] if _which("ninja") else []),
+             # A configured directory keeps its generator (cmake refuses to switch it).
+             + (["-G", "Ninja"] if _which("ninja") and not (lc.build_dir / "CMakeCache.txt").exists() else []),
              ["cmake", "--build", str(lc.build_dir), "-j", str(jobs), "--target", *TOOLS]]
     for step in steps:
         proc = subprocess.run(step, capture_output=True, text=True)
