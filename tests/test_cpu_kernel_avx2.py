@@ -132,7 +132,7 @@ def test_avx2_every_int8_code_exact(m, avx2):
 
 
 @pytest.mark.parametrize("bits", (4, 3, 2))
-@pytest.mark.parametrize("m", (1, 2, 3, 5, 7, 8))
+@pytest.mark.parametrize("m", (1, 2, 3, 5, 7, 8, 16))
 def test_avx2_every_nibble_exact(bits, m, avx2):
     """Every code of the nibble layout in both halves of a byte (even and odd k) and every column
     position of the layout's byte permutation, asymmetric with z = 0: y[r] = q[k_r] exactly."""

@@ -338,8 +338,9 @@ struct I4Bias128 : PolicyBase {
 // M >= kTiledMinM: decode once, multiply many times. With the direct tiles above every row tile
 // re-decodes the chunk (M = 16: three decodes per weight, and the conversions take p0/p1 slots the FMAs
 // need); here the chunk is decoded once into an L1 scratch of exact fp32 integers (kChunkT k-pairs x
-// 128 floats = 16 KiB), in the direct kernels' slot order, and tiles of up to 6 rows x 2 slots run over
-// it: per k-pair and tile 2 loads + MR (8-bit) / 2 MR (<=4-bit) broadcasts per 2 MR / 4 MR FMAs.
+// 128 floats = 16 KiB), in the direct kernels' slot order (nibbles from kPairMinM4 rows: the 8-bit
+// one, below), and tiles of up to 6 rows x 2 slots run over it: per k-pair and tile 2 loads + MR
+// broadcasts per 2 MR FMAs (nibbles in their own order: 2 MR broadcasts and 4 MR loads per 4 MR FMAs).
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t kChunkT = 32;
 // From which M the decode-once tiles beat the direct ones (in-process A/B, one thread, weights in cache,
@@ -349,14 +350,27 @@ constexpr int64_t kChunkT = 32;
 constexpr int64_t kTiledMinM8 = 12;
 constexpr int64_t kTiledMinM4 = 7;
 
-template <class Direct>
+// kPair (nibbles): decode to the 8-bit layout's slots, 4 columns x (k, k+1) per vector, 16 per k-pair,
+// so the nibble tile is the 8-bit one: per k-pair NS weight loads + MR pair broadcasts for MR x NS
+// FMAs (6 x 2: 8 loads per 12 FMAs). Without it the nibble scratch holds separate k / k+1 vectors and
+// a row costs 2 broadcasts + 2 NS memory-operand FMAs: 1.5 loads per FMA, all of Golden Cove's 3
+// load ports and more than Haswell .. Zen 3 have (2). llvm-mca 14 on the two 6-row loops as built,
+// cycles per 192 MACs: without 12.0 (skylake, sapphirerapids), 14.8 (haswell), 13.8 (znver2); with
+// 12.0 on all four. Measured here (Sapphire Rapids class, forced to AVX2; in cache, one thread, CPU
+// time, int4 K = 2048 N = 1024, 2026-12-01): M = 16 0.96-1.03x, M = 32 1.00x (load ports to spare on
+// this core, as predicted), M = 8 0.82-0.89x (the extra shuffles in the decode and the hadds in the
+// group epilogue, amortised over too few rows): so from M = kPairMinM4 only.
+constexpr int64_t kPairMinM4 = 16;
+
+template <class Direct, bool kPair = false>
 struct TiledF32 : PolicyBase {
   static constexpr bool kDecodeOnce = true;
   static constexpr bool kNib = Direct::kPairBytes == kBlockN;
+  static constexpr bool kSep = kNib && !kPair;  // nibbles, k and k+1 in separate vectors
   static constexpr int kPairBytes = Direct::kPairBytes;
-  static constexpr int kSlots = Direct::kSlots;
-  static constexpr int kAccW = Direct::kAccW;
-  static constexpr int kSrcSlotBytes = kNib ? 64 : 32;  // 8-bit: one vector per slot; nibbles: lo, hi
+  static constexpr int kSlots = kSep ? Direct::kSlots : 16;
+  static constexpr int kAccW = kSep ? Direct::kAccW : 2 * kBlockN;
+  static constexpr int kSrcSlotBytes = kSep ? 64 : 32;
   static constexpr int kSrcPairBytes = 512;
   static constexpr int64_t kChunkPairs = kChunkT;
   template <int MR>
@@ -372,10 +386,19 @@ struct TiledF32 : PolicyBase {
         for (int l = 0; l < kPairBytes / 64; ++l) _mm_prefetch(pf + p * kPairBytes + 64 * l, _MM_HINT_T0);
       }
       if constexpr (kNib) {
-        for (int s = 0; s < 8; ++s) {
-          const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * s)));
-          _mm256_store_ps(wp + 16 * s, _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo)));
-          _mm256_store_ps(wp + 16 * s + 8, _mm256_cvtepi32_ps(_mm256_and_si256(d, m_hi)));
+        for (int t = 0; t < 8; ++t) {
+          const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * t)));
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_lo));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(d, m_hi));
+          if constexpr (kPair) {
+            // bytes 8t..8t+7 -> slots 2t = (b0 b1 | b4 b5), 2t+1 = (b2 b3 | b6 b7), each byte as its
+            // (q(k), 16 q(k+1)) lane pair; the hadd of the two slots is bytes 8t..8t+7 in order.
+            _mm256_store_ps(wp + 16 * t, _mm256_unpacklo_ps(lo, hi));
+            _mm256_store_ps(wp + 16 * t + 8, _mm256_unpackhi_ps(lo, hi));
+          } else {
+            _mm256_store_ps(wp + 16 * t, lo);
+            _mm256_store_ps(wp + 16 * t + 8, hi);
+          }
         }
       } else {
         for (int s = 0; s < 16; ++s) _mm256_store_ps(wp + 8 * s, u8x8_to_ps(cp + 8 * s));
@@ -391,7 +414,7 @@ struct TiledF32 : PolicyBase {
       for (int s = 0; s < NS; ++s) A[r][s] = _mm256_loadu_ps(acc + r * kAccW + 8 * s);
     for (int64_t p = 0; p < np; ++p) {
       const float* wp = w + p * (kSrcPairBytes / 4);
-      if constexpr (kNib) {
+      if constexpr (kSep) {
         for (int r = 0; r < MR; ++r) {
           const __m256 x0 = _mm256_broadcast_ss(x + r * ldx + 2 * p), x1 = _mm256_broadcast_ss(x + r * ldx + 2 * p + 1);
           for (int s = 0; s < NS; ++s) {
@@ -413,7 +436,21 @@ struct TiledF32 : PolicyBase {
   }
 
   static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
-    Direct::group_end(a, b, g, acc, total);
+    if constexpr (kNib && kPair) {
+      // Columns 8u..8u+3 / 8u+4..8u+7 are bytes nib_byte(8u) .. +3 / nib_byte(8u + 4) .. +3 (I4F32):
+      // 128-bit half (j % 8) / 4 of the hadd of byte group j / 8's two slots.
+      fold_group(a, b, g, total, [&](int64_t m, int u) {
+        const float* p = acc + m * kAccW;
+        auto half = [&](int j) {
+          const float* q = p + 16 * (j / 8);
+          const __m256 h = _mm256_hadd_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(q + 8));
+          return (j % 8) ? _mm256_extractf128_ps(h, 1) : _mm256_castps256_ps128(h);
+        };
+        return _mm256_set_m128(half(nib_byte(8 * u + 4)), half(nib_byte(8 * u)));
+      });
+    } else {
+      Direct::group_end(a, b, g, acc, total);
+    }
   }
 };
 
@@ -588,7 +625,8 @@ bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_store_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(a.xf + i), sc));
   for (; i < n; ++i) v[i] = (i & 1) ? a.xf[i] * 0.0625f : a.xf[i];  // Kp is even: parity of i is that of k
-  return tiled ? run<TiledF32<I4F32>>(a, b0, b1, v, a.Kp) : run<I4F32>(a, b0, b1, v, a.Kp);
+  if (!tiled) return run<I4F32>(a, b0, b1, v, a.Kp);
+  return a.M >= kPairMinM4 ? run<TiledF32<I4F32, true>>(a, b0, b1, v, a.Kp) : run<TiledF32<I4F32>>(a, b0, b1, v, a.Kp);
 }
 
 bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
