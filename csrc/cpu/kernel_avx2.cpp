@@ -283,10 +283,10 @@ struct I4F32 : PolicyBase {
 // Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01; one thread, CPU time,
 // M = 1 bf16 x, medians of 11-21 interleaved rounds in one process, host load 5-7 on 2 vCPUs) against
 // session 5's form (16-byte piece broadcast to both lanes + vpsrlvd, 32-column strips, per-call
-// (x[k] x 4 | x[k+1] x 4) table): in cache (K = 2048, N = 1024) 1.05-1.13x; from DRAM (3x L3 rotation)
-// gate_up 1.27x, down 1.31x. Dropped (same runs): 32-column strips of this decode with separate k / k+1
-// accumulators (0.98-1.03x: the re-read and the doubled per-k-pair overhead cancel the vpsrlvd
-// saving); x as a per-call table of 8-float splats read as FMA memory operands (frees the 2 broadcast
+// (x[k] x 4 | x[k+1] x 4) table): in cache (K = 2048, N = 1024) 1.10-1.12x (3 runs); from DRAM (3x L3
+// rotation) gate_up 1.27x, down 1.31x. Dropped (same runs): 32-column strips of this decode with
+// separate k / k+1 accumulators (0.98-1.03x: the re-read and the doubled per-k-pair overhead cancel the
+// vpsrlvd saving); x as a per-call table of 8-float splats read as FMA memory operands (frees the 2 broadcast
 // registers, no spill, but 0.98-1.06x: 16 extra loads per k-pair). kChunkPairs 32 / 64 / 128 (the
 // prefetch runs 2 / 4 / 8 KiB ahead; with 128-row groups 64 and 128 chunk alike): within noise in
 // cache, 128 best from DRAM (1.27x / 1.31x against 1.19x / 1.29x for 64).
