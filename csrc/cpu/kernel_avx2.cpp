@@ -268,7 +268,7 @@ struct I4F32 : PolicyBase {
 // those bytes against 0x43 gives the words 0x43cc, the high half of fp32 128 + c (the AVX-512 BF16
 // kernels' byte trick, kernel.h); a vpslld 16 (even bytes) or a vpand 0xffff0000 (odd bytes) makes each
 // word a whole fp32. The k vectors are multiplied by a vbroadcastss of x[k], the k+1 vectors by one of
-// x[k+1], into the same 8 accumulators (8 columns each). Per 128 weights: 2 loads + 2 broadcasts,
+// x[k+1], into the same 8 accumulators (8 columns each). Per 128 weights: 4 loads + 2 broadcasts,
 // 2 vpsrlw, 4 vpand, 8 vpunpck, 8 vpslld / vpand, 16 FMA = 46 vector uops; the x rows are read as
 // gathered (no per-call table), and 128 X[m, g] is taken off with the zero point once per group.
 // Exact as the AVX-512 BF16 path is: bf16 (8 bits) or fp16 (11 bits) x times 128 + c (8 bits) is an
@@ -278,8 +278,10 @@ struct I4F32 : PolicyBase {
 // Why a whole-block strip and the k / k+1 FMAs on one accumulator: a k-pair is then 16 FMAs on 8
 // chains (2 dependent FMAs per chain, 8 cycles of latency against ~15 cycles of port throughput), the
 // chunk is read once (no L1 re-read by a second strip), the x broadcasts and loop overhead are shared
-// by 128 weights. Its 8 accumulators + 5 x / constant registers leave 3 for temporaries: GCC spills one
-// accumulator (a stack FMA operand per k-pair), measured cheaper than the alternatives.
+// by 128 weights. The k nibbles of both halves go first, under one x broadcast, then the k+1 nibbles
+// (the halves reloaded from L1): 8 accumulators + 1 x + 3 constants leave 4 registers for temporaries
+// and GCC spills nothing (both x broadcasts live at once, it spilled one accumulator per k-pair:
+// 1.00-1.09x slower, llvm-mca 17.1 against 15.9 cycles on Skylake).
 // Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01; one thread, CPU time,
 // M = 1 bf16 x, medians of 11-21 interleaved rounds in one process, host load 5-7 on 2 vCPUs) against
 // session 5's form (16-byte piece broadcast to both lanes + vpsrlvd, 32-column strips, per-call
@@ -290,8 +292,8 @@ struct I4F32 : PolicyBase {
 // registers, no spill, but 0.98-1.06x: 16 extra loads per k-pair). kChunkPairs 32 / 64 / 128 (the
 // prefetch runs 2 / 4 / 8 KiB ahead; with 128-row groups 64 and 128 chunk alike): within noise in
 // cache, 128 best from DRAM (1.27x / 1.31x against 1.19x / 1.29x for 64).
-// llvm-mca 14, cycles per 128 weights (this / session 5's form): haswell 17.2 / 22.9, skylake 17.1 /
-// 18.3, icelake-server 17.5 / 19.8, znver2 17.1 / 16.9, znver3 17.7 / 20.8 (docs/notes/issue-11-avx2.md,
+// llvm-mca 14, cycles per 128 weights (this / session 5's form): haswell 16.0 / 22.9, skylake 15.9 /
+// 18.3, icelake-server 15.7 / 19.8, znver2 14.1 / 16.9, znver3 18.1 / 20.8 (docs/notes/issue-11-avx2.md,
 // session 6).
 // ------------------------------------------------------------------------------------------------
 struct I4Bias128 : PolicyBase {
@@ -317,16 +319,18 @@ struct I4Bias128 : PolicyBase {
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
       if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
-      const __m256 xk[2] = {_mm256_broadcast_ss(x + 2 * p), _mm256_broadcast_ss(x + 2 * p + 1)};
-      for (int h = 0; h < 2; ++h) {  // 32-byte halves: columns of bytes 32h .. 32h + 31
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * h));
-        const __m256i nb[2] = {_mm256_and_si256(raw, m_lo), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo)};
-        for (int e = 0; e < 2; ++e) {  // e = 0: code(k), 1: code(k + 1)
-          const __m256i w0 = _mm256_unpacklo_epi8(nb[e], c43), w1 = _mm256_unpackhi_epi8(nb[e], c43);
+      // k first, then k + 1, each over both 32-byte halves (columns of bytes 32h .. 32h + 31): one x
+      // broadcast live at a time, the halves reloaded from L1 for k + 1 (see above: no spill).
+      for (int e = 0; e < 2; ++e) {
+        const __m256 xe = _mm256_broadcast_ss(x + 2 * p + e);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * h));
+          const __m256i nb = e ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo) : _mm256_and_si256(raw, m_lo);
+          const __m256i w0 = _mm256_unpacklo_epi8(nb, c43), w1 = _mm256_unpackhi_epi8(nb, c43);
           // slot 4h: even bytes 0..6 of each lane, 4h+1: odd bytes 1..7, 4h+2 / 4h+3: bytes 8..15
           const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
                                 _mm256_and_si256(w1, m_hw)};
-          for (int j = 0; j < 4; ++j) A[4 * h + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xk[e], A[4 * h + j]);
+          for (int j = 0; j < 4; ++j) A[4 * h + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xe, A[4 * h + j]);
         }
       }
     }
