@@ -92,7 +92,7 @@ def test_avx2_matches_float64(bits, sym, act, gs, avx2):
 
 @pytest.mark.parametrize("bits", (8, 4))
 def test_avx2_long_k_several_chunks_and_bias(bits, avx2):
-    """group -1 with K = 600 (300 k-pairs: several 64 / 32 k-pair chunks in one group, accumulators
+    """group -1 with K = 600 (300 k-pairs: several 128 / 64 / 32 k-pair chunks in one group, accumulators
     carried across chunks), fp32 scales, a bias, batch dims, and M at and above the switch-over."""
     k, n = 600, 200
     t, spec, w = make_layer(k, n, bits, -1, False, True, "gptq_v2", seed=7, scale_dtype=torch.float32)

@@ -251,75 +251,88 @@ struct I4F32 : PolicyBase {
 };
 
 // ------------------------------------------------------------------------------------------------
-// <=4-bit codes, M = 1, bf16 / fp16 activations: no int -> float conversion. A 16-byte piece of a
-// k-pair row (16 columns) is broadcast to both 128-bit lanes; one vpsrlvd (0 | 4) + vpand 0x0f leaves
-// the k nibbles in lane 0 and the k+1 nibbles in lane 1; unpacking those bytes against 0x43 gives the
-// words 0x43cc, the high half of fp32 128 + c (the AVX-512 BF16 kernels' byte trick, kernel.h); a
-// vpslld 16 (even bytes) or a vpand 0xffff0000 (odd bytes) makes each word a whole fp32. Per 32
-// weights: 1 load, vpsrlvd, 3 vpand, 2 vpunpck, 2 vpslld, 4 FMA = 12 vector uops (I4F32: 2 vpmovzxbd,
-// 4 vpand, 4 vcvtdq2ps, 4 FMA = 14, 8 of them on the FMA ports). Each vector holds 4 columns at k
-// (lane 0) and at k+1 (lane 1), multiplied by the pair vector (x[k] x 4 | x[k+1] x 4) of a per-call
-// table; the lanes are added once per group and 128 X[m, g] is taken off with the zero point.
+// <=4-bit codes, M = 1, bf16 / fp16 activations: no int -> float conversion, and the whole 64-column
+// block in one strip. Per k-pair, each 32-byte half of the row is one load; one vpsrlw 4 and two vpand
+// 0x0f give the k nibbles (lo) and the k+1 nibbles (hi) of its 32 columns, one per byte; unpacking
+// those bytes against 0x43 gives the words 0x43cc, the high half of fp32 128 + c (the AVX-512 BF16
+// kernels' byte trick, kernel.h); a vpslld 16 (even bytes) or a vpand 0xffff0000 (odd bytes) makes each
+// word a whole fp32. The k vectors are multiplied by a vbroadcastss of x[k], the k+1 vectors by one of
+// x[k+1], into the same 8 accumulators (8 columns each). Per 128 weights: 4 loads + 2 broadcasts,
+// 2 vpsrlw, 4 vpand, 8 vpunpck, 8 vpslld / vpand, 16 FMA = 46 vector uops; the x rows are read as
+// gathered (no per-call table), and 128 X[m, g] is taken off with the zero point once per group.
 // Exact as the AVX-512 BF16 path is: bf16 (8 bits) or fp16 (11 bits) x times 128 + c (8 bits) is an
 // exact fp32 product, accumulated in fp32. The +128 costs the fp32 sums ~5 bits of cancellation
 // (invisible in a bf16/fp16 result, 2^-19 against their 2^-9 / 2^-12 ulp), which is why fp32
 // activations keep I4F32 (the AVX-512 fp32 kernels refuse the +128 for the same reason).
+// Why a whole-block strip and the k / k+1 FMAs on one accumulator: a k-pair is then 16 FMAs on 8
+// chains (2 dependent FMAs per chain, 8 cycles of latency against ~15 cycles of port throughput), the
+// chunk is read once (no L1 re-read by a second strip), the x broadcasts and loop overhead are shared
+// by 128 weights. The k nibbles of both halves go first, under one x broadcast, then the k+1 nibbles
+// (the halves reloaded from L1): 8 accumulators + 1 x + 3 constants leave 4 registers for temporaries
+// and GCC spills nothing (both x broadcasts live at once, it spilled one accumulator per k-pair:
+// 1.00-1.09x slower, llvm-mca 17.1 against 15.9 cycles on Skylake).
 // Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01; one thread, CPU time,
-// int4 K = 2048 N = 1024 g = 128 in cache, M = 1, fp32 / bf16 / fp16 x alternated in one process, 25
-// rounds, 3 runs per build, host load 5-9): bf16 and fp16 x ran at 0.93-0.99x the fp32 rate with
-// I4F32 and at 1.12-1.17x with this decode; from DRAM (3x the L3) +5-15%. Dropped variants: the
-// second level as 4 more unpacks against zero (as fast here, but llvm-mca puts it 1.5x / 1.1x slower
-// on Haswell / Skylake, whose 256-bit shuffles have one port); M = 2 (0.98-1.03x, keeps I4F32).
-// llvm-mca 14, cycles per k-pair (64 weights) vs I4F32: haswell 11.5 vs 10.7, skylake 9.2 vs 10.7,
-// icelake-server 9.9 vs 10.7, znver2 8.6 vs 11.7, znver3 10.4 vs 14.1 (docs/notes/issue-11-avx2.md,
-// session 5; Zen 1 there too).
+// M = 1 bf16 x, medians of 11-21 interleaved rounds in one process, host load 5-7 on 2 vCPUs) against
+// session 5's form (16-byte piece broadcast to both lanes + vpsrlvd, 32-column strips, per-call
+// (x[k] x 4 | x[k+1] x 4) table): in cache (K = 2048, N = 1024) 1.10-1.12x (3 runs); from DRAM (3x L3
+// rotation) gate_up 1.27x, down 1.31x. Dropped (same runs): 32-column strips of this decode with
+// separate k / k+1 accumulators (0.98-1.03x: the re-read and the doubled per-k-pair overhead cancel the
+// vpsrlvd saving); x as a per-call table of 8-float splats read as FMA memory operands (frees the 2 broadcast
+// registers, no spill, but 0.98-1.06x: 16 extra loads per k-pair). kChunkPairs 32 / 64 / 128 (the
+// prefetch runs 2 / 4 / 8 KiB ahead; with 128-row groups 64 and 128 chunk alike): within noise in
+// cache, 128 best from DRAM (1.27x / 1.31x against 1.19x / 1.29x for 64).
+// llvm-mca 14, cycles per 128 weights (this / session 5's form): haswell 16.0 / 22.9, skylake 15.9 /
+// 18.3, icelake-server 15.7 / 19.8, znver2 14.1 / 16.9, znver3 18.1 / 20.8 (docs/notes/issue-11-avx2.md,
+// session 6).
 // ------------------------------------------------------------------------------------------------
-struct F4 {
-  float v[4];
-};
-
 struct I4Bias128 : PolicyBase {
-  using XType = F4;  // x[m][k] as 4 copies: a k-pair's (x[k] x 4 | x[k+1] x 4) is one 32-byte load
   static constexpr float kCb = 128.f;
   static constexpr int kPairBytes = kBlockN;
-  static constexpr int kSlots = 16;
-  static constexpr int kSrcSlotBytes = 4;
-  static constexpr int kAccW = 2 * kBlockN;
+  static constexpr int kSlots = 8;  // 8 columns per slot, one strip of all 8
+  static constexpr int kSrcSlotBytes = 8;
+  static constexpr int kAccW = kBlockN;
   static constexpr int kMaxMR = 1;
+  // Up to 128 k-pairs per chunk (a group of 128 rows is one chunk of 64): nothing re-reads a chunk here,
+  // and run() prefetches kChunkPairs * 64 bytes = 8 KiB ahead.
+  static constexpr int64_t kChunkPairs = 2 * kChunk;
   template <int MR>
-  static constexpr int strip() { return 8; }
+  static constexpr int strip() { return kSlots; }
 
   template <int MR, int NS>
-  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const F4* x, int64_t, float* acc, const char* pf) {
-    static_assert(MR == 1 && NS % 4 == 0, "one row, whole 16-byte pieces");
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t, float* acc, const char* pf) {
+    static_assert(MR == 1 && NS == kSlots, "one row, the whole block");
     __m256 A[NS];
     for (int s = 0; s < NS; ++s) A[s] = _mm256_loadu_ps(acc + 8 * s);
-    const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), m_lo = _mm256_set1_epi8(0x0f);
-    const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u)), c43 = _mm256_set1_epi8(0x43);
+    const __m256i m_lo = _mm256_set1_epi8(0x0f), c43 = _mm256_set1_epi8(0x43);
+    const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
       if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
-      const __m256 xp = _mm256_loadu_ps(x[2 * p].v);
-      for (int q = 0; q < NS / 4; ++q) {
-        const __m256i bv = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * q)));
-        const __m256i n = _mm256_and_si256(_mm256_srlv_epi32(bv, sh), m_lo);
-        const __m256i w0 = _mm256_unpacklo_epi8(n, c43), w1 = _mm256_unpackhi_epi8(n, c43);
-        // slot 4q: even bytes 0..6 of the lane, 4q+1: odd bytes 1..7, 4q+2 / 4q+3: bytes 8..15
-        const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
-                              _mm256_and_si256(w1, m_hw)};
-        for (int j = 0; j < 4; ++j) A[4 * q + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xp, A[4 * q + j]);
+      // k first, then k + 1, each over both 32-byte halves (columns of bytes 32h .. 32h + 31): one x
+      // broadcast live at a time, the halves reloaded from L1 for k + 1 (see above: no spill).
+      for (int e = 0; e < 2; ++e) {
+        const __m256 xe = _mm256_broadcast_ss(x + 2 * p + e);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * h));
+          const __m256i nb = e ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo) : _mm256_and_si256(raw, m_lo);
+          const __m256i w0 = _mm256_unpacklo_epi8(nb, c43), w1 = _mm256_unpackhi_epi8(nb, c43);
+          // slot 4h: even bytes 0..6 of each lane, 4h+1: odd bytes 1..7, 4h+2 / 4h+3: bytes 8..15
+          const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
+                                _mm256_and_si256(w1, m_hw)};
+          for (int j = 0; j < 4; ++j) A[4 * h + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xe, A[4 * h + j]);
+        }
       }
     }
     for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + 8 * s, A[s]);
   }
 
-  // Columns of bytes j0..j0+3 (j0 % 4 == 0): the even-byte and odd-byte slots of its 8-byte half,
-  // k and k+1 lanes added, interleaved back.
+  // Columns of bytes j0..j0+3 (j0 % 4 == 0): byte j of half P = j / 32 sits in lane (j % 32) / 16 of
+  // slot 4P + 2 (b / 8) + b % 2 (b = j % 16), at element (b % 8) / 2 of that lane.
   static ALWAYS_INLINE __m128 quad(const float* accm, int j0) {
-    const float* e = accm + 8 * (4 * (j0 / 16) + 2 * ((j0 % 16) / 8));
-    const __m128 ev = _mm_add_ps(_mm_loadu_ps(e), _mm_loadu_ps(e + 4));
-    const __m128 od = _mm_add_ps(_mm_loadu_ps(e + 8), _mm_loadu_ps(e + 12));
-    return j0 % 8 == 0 ? _mm_unpacklo_ps(ev, od) : _mm_unpackhi_ps(ev, od);
+    const int b = j0 % 16;
+    const float* e = accm + 8 * (4 * (j0 / 32) + 2 * (b / 8)) + 4 * ((j0 % 32) / 16);
+    const __m128 ev = _mm_loadu_ps(e), od = _mm_loadu_ps(e + 8);
+    return b % 8 == 0 ? _mm_unpacklo_ps(ev, od) : _mm_unpackhi_ps(ev, od);
   }
 
   static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
@@ -609,13 +622,8 @@ bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (!a.xf) return false;
   const bool tiled = a.M >= (a.bits == 8 ? kTiledMinM8 : kTiledMinM4);
   if (a.bits == 8) return tiled ? run<TiledF32<I8F32>>(a, b0, b1, a.xf, a.Kp) : run<I8F32>(a, b0, b1, a.xf, a.Kp);
-  if (a.M == 1 && a.out_type != OutType::F32) {  // see I4Bias128: bf16 / fp16 activations (out has x's dtype)
-    Aligned xs(static_cast<size_t>(a.Kp) * sizeof(F4));
-    if (!xs.p) return false;
-    F4* v = static_cast<F4*>(xs.p);
-    for (int64_t i = 0; i < a.Kp; ++i) _mm_storeu_ps(v[i].v, _mm_set1_ps(a.xf[i]));
-    return run<I4Bias128>(a, b0, b1, v, a.Kp);
-  }
+  // See I4Bias128: bf16 / fp16 activations (out has x's dtype).
+  if (a.M == 1 && a.out_type != OutType::F32) return run<I4Bias128>(a, b0, b1, a.xf, a.Kp);
   // x with odd k divided by 16 (see I4F32), once per call.
   const int64_t n = a.M * a.Kp;
   Aligned xs(static_cast<size_t>(n) * sizeof(float));
