@@ -221,10 +221,11 @@ def _lm_head_state(model) -> dict:
     h = torch.randn(3, head.weight.shape[1], generator=gen).to(head.weight.dtype)
     big = torch.randn(DENSE_MAX_M + 1, head.weight.shape[1], generator=gen).to(head.weight.dtype)
     w16 = getattr(qm, "w16", None)
+    w_ours = head.weight if w16 is None else w16  # what our op would read (vLLM's mode: fp32, not ours)
     return {"method": type(qm).__name__, "ours": bool(getattr(qm, "ours", False)), "w16": w16 is not None,
             # what the logits processor's call computes: our op's bits at M = 3, vLLM's own above DENSE_MAX_M
-            "apply_small_is_ours": torch.equal(qm.apply(head, h), torch.ops.gptq_ascend.cpu_dense_gemm(
-                h, head.weight if w16 is None else w16)),
+            "apply_small_is_ours": w_ours.dtype == torch.bfloat16 and torch.equal(
+                qm.apply(head, h), torch.ops.gptq_ascend.cpu_dense_gemm(h, w_ours)),
             "apply_big_is_vllm": torch.equal(qm.apply(head, big), head.cpu_linear(big, head.weight, None)),
             "vllm_path": compat.cpu_dense_gemm_path(head), "dtype": str(head.weight.dtype),
             "tied": head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()}
