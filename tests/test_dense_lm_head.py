@@ -5,9 +5,10 @@
   sgl-kernel only with AMX tiles and a weight <= 1 MiB, oneDNN when its matmul primitive can be created for
   the weight (tried here directly), else the ``F.linear`` fallback.
 * The mode variable and the old ``GPTQ_ASCEND_LM_HEAD_INT8`` switch.
-* A real engine on a tiny GPTQModel fixture, bf16: with ``GPTQ_ASCEND_LM_HEAD=ours`` (our GEMV on the tied
-  BF16 lm_head) the greedy tokens and their logprobs match ``GPTQ_ASCEND_LM_HEAD=vllm`` (vLLM's own dense
-  lm_head) within bf16 rounding of the logits, and the engine reports that our GEMV was chosen.
+* A real engine on a tiny GPTQModel fixture, bf16 and fp32 activations: with ``GPTQ_ASCEND_LM_HEAD=ours``
+  (our GEMV on the tied BF16 lm_head; in fp32, on a BF16 copy of vLLM's widened float32 head) the greedy
+  tokens and their logprobs match ``GPTQ_ASCEND_LM_HEAD=vllm`` (vLLM's own dense lm_head) within bf16
+  rounding of the logits, and the engine reports that our GEMV was chosen.
 """
 
 from __future__ import annotations
@@ -149,6 +150,44 @@ def test_lm_head_method_decision(tier, mode, dtype, caplog):
         cpu_mod.kernel_config("reset")
 
 
+@pytest.mark.parametrize("tier", [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS])
+def test_fp32_weight_of_bf16_values_runs_a_bf16_copy(tier, caplog):
+    """With float32 activations vLLM widens a BF16 checkpoint's lm_head to float32. When every value is a
+    BF16 number, ours runs a BF16 copy (the same weights, half the bytes): its result equals the op on
+    that copy, matches float64 math on the float32 weight, and one value off the BF16 grid turns it off."""
+    ok, why = cpu_mod.dense_gemm_available()
+    if not ok:
+        pytest.skip(why)
+    cpu_mod.kernel_config(tier)
+    try:
+        layer = _layer(2048, 512, torch.bfloat16)
+        w32 = layer.weight.data.float()
+        layer.weight = torch.nn.Parameter(w32, requires_grad=False)
+        qm = DenseLMHeadMethod("auto")
+        with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
+            qm.process_weights_after_loading(layer)
+        vpath = compat.cpu_dense_gemm_path(layer)
+        assert qm.ours and qm.max_m == (DENSE_MAX_M if vpath == "torch" else DENSE_MAX_M_ONEDNN), (vpath, qm.max_m)
+        assert qm.w16 is not None and qm.w16.dtype == torch.bfloat16 and torch.equal(qm.w16.float(), w32)
+        assert any("reads a BF16 copy" in r.getMessage() for r in caplog.records)
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(qm.max_m, 512, generator=gen)
+        y = qm.apply(layer, x)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, qm.w16, None))
+        ref = x.double() @ w32.double().t()
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 2**-20
+        # One weight off the BF16 grid: no copy, vLLM's own path on the float32 weight.
+        w_off = w32.clone()
+        w_off[7, 3] = float(w_off[7, 3]) + 2.0 ** -20 * (1 + abs(float(w_off[7, 3])))
+        layer.weight = torch.nn.Parameter(w_off, requires_grad=False)
+        qm2 = DenseLMHeadMethod("auto")
+        qm2.process_weights_after_loading(layer)
+        assert qm2.w16 is None and not qm2.ours
+    finally:
+        cpu_mod.kernel_config("reset")
+
+
 def test_dense_gemm_matches_vllm_fallback_numerics():
     """Our op vs torch's F.linear (the fallback it replaces) at the lm_head's M range: both are
     correct GEMMs, so they agree to the rounding of the bf16 output."""
@@ -181,20 +220,23 @@ def _lm_head_state(model) -> dict:
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, head.weight.shape[1], generator=gen).to(head.weight.dtype)
     big = torch.randn(DENSE_MAX_M + 1, head.weight.shape[1], generator=gen).to(head.weight.dtype)
-    return {"method": type(qm).__name__, "ours": bool(getattr(qm, "ours", False)),
+    w16 = getattr(qm, "w16", None)
+    w_ours = head.weight if w16 is None else w16  # what our op would read (vLLM's mode: fp32, not ours)
+    return {"method": type(qm).__name__, "ours": bool(getattr(qm, "ours", False)), "w16": w16 is not None,
             # what the logits processor's call computes: our op's bits at M = 3, vLLM's own above DENSE_MAX_M
-            "apply_small_is_ours": torch.equal(qm.apply(head, h), torch.ops.gptq_ascend.cpu_dense_gemm(h, head.weight)),
+            "apply_small_is_ours": w_ours.dtype == torch.bfloat16 and torch.equal(
+                qm.apply(head, h), torch.ops.gptq_ascend.cpu_dense_gemm(h, w_ours)),
             "apply_big_is_vllm": torch.equal(qm.apply(head, big), head.cpu_linear(big, head.weight, None)),
             "vllm_path": compat.cpu_dense_gemm_path(head), "dtype": str(head.weight.dtype),
             "tied": head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()}
 
 
-def _run(fixture, prompts: list[list[int]]) -> dict:
+def _run(fixture, prompts: list[list[int]], dtype: str = "bfloat16") -> dict:
     from vllm import LLM, SamplingParams
 
     from .test_vllm_plugin_engine import TOP_K, shutdown
 
-    llm = LLM(model=str(fixture), quantization="gptq_ascend", dtype="bfloat16", enforce_eager=True,
+    llm = LLM(model=str(fixture), quantization="gptq_ascend", dtype=dtype, enforce_eager=True,
               max_model_len=256, seed=0, gpu_memory_utilization=0.5)
     try:
         sp = SamplingParams(max_tokens=12, temperature=0.0, logprobs=TOP_K, ignore_eos=True)
@@ -208,7 +250,10 @@ def _run(fixture, prompts: list[list[int]]) -> dict:
 
 
 @pytest.mark.engine
-def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property):
+@pytest.mark.parametrize("dtype", ("bfloat16", "float32"))
+def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property, dtype):
+    """bfloat16: our GEMV on the tied BF16 head. float32: vLLM widens the fixture's BF16 head to float32
+    (every value still a BF16 number), so ours runs a BF16 copy of it: same tokens, same logprobs."""
     from .test_vllm_plugin_engine import BY_NAME, ENV, TOL_BF16, prompts_of
 
     if FIXTURE not in BY_NAME:
@@ -227,11 +272,12 @@ def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property):
         monkeypatch.setenv(LM_HEAD_ENV, mode)
         if hasattr(vllm.envs, "disable_envs_cache"):
             vllm.envs.disable_envs_cache()
-        runs[mode] = _run(fixture, prompts)
+        runs[mode] = _run(fixture, prompts, dtype)
     theirs, ours = runs["vllm"], runs["ours"]
     assert theirs["state"]["method"] == "UnquantizedEmbeddingMethod" and not theirs["state"]["ours"]
-    assert ours["state"]["method"] == "DenseLMHeadMethod" and ours["state"]["ours"], ours["state"]
-    assert ours["state"]["dtype"] == "torch.bfloat16" and ours["state"]["tied"], ours["state"]
+    assert ours["state"]["method"] == "DenseLMHeadMethod", ours["state"]
+    assert ours["state"]["dtype"] == f"torch.{dtype}" and ours["state"]["tied"], ours["state"]
+    assert ours["state"]["ours"] and ours["state"]["w16"] == (dtype == "float32"), ours["state"]
     assert ours["state"]["apply_small_is_ours"] and ours["state"]["apply_big_is_vllm"], ours["state"]
     # Same hidden states; the two lm_heads differ only in summation order, i.e. by about one bf16 rounding of
     # each logit. Greedy tokens must agree except where vLLM's own top-2 logprobs are that close (a near-tie

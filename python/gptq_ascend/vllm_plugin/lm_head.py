@@ -10,7 +10,10 @@ BF16, about a third of the bytes a decoded token reads). ``GPTQ_ASCEND_LM_HEAD``
   where vLLM's path is oneDNN and the kernel tier has AVX512-BF16 (ours measured 1.7-2.6x faster at
   M = 1 and 4, about even at M = 8; docs/notes/issue-11-lm-head.md); vLLM's path otherwise. The
   numerics are the checkpoint's either way (exact products, fp32 sums, one rounding; only the summation
-  order differs).
+  order differs). With float32 activations vLLM builds the lm_head in float32 (twice the checkpoint's
+  bytes, 1.24 GB for Qwen3-1.7B, read by every token); when every value of it is exactly a BF16 number
+  (a BF16 checkpoint widened), our GEMV gets a BF16 copy instead: the same weights, half the bytes per
+  token (the float32 tensor stays for the embedding lookup and vLLM's path at larger M).
 * ``ours``: our GEMV whenever the weight is BF16 (M <= DENSE_MAX_M), whatever vLLM would use (for tests
   and A/Bs on machines where oneDNN works).
 * ``vllm``: vLLM's method untouched.
@@ -47,6 +50,19 @@ DENSE_MAX_M = 16
 DENSE_MAX_M_ONEDNN = 4
 logger = logging.getLogger("vllm.gptq_ascend")
 _ROWS_PER_CHUNK = 8192  # bounds the fp32 temporary of the quantization (8192 x H x 4 bytes)
+
+
+def exact_bf16(w: torch.Tensor) -> torch.Tensor | None:
+    """A BF16 copy of the float32 matrix ``w`` if every value of it is a BF16 number (the copy is then
+    the same weights), else None. Checked in row chunks, so the temporaries stay small."""
+    out = torch.empty(w.shape, dtype=torch.bfloat16)
+    for r0 in range(0, w.shape[0], _ROWS_PER_CHUNK):
+        rows = w[r0:r0 + _ROWS_PER_CHUNK]
+        b = rows.to(torch.bfloat16)
+        if not torch.equal(b.float(), rows):
+            return None
+        out[r0:r0 + len(rows)] = b
+    return out
 
 
 def lm_head_mode(environ: dict | None = None) -> str:
@@ -131,6 +147,7 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
         self.mode = mode
         self.ours = False
         self.max_m = DENSE_MAX_M
+        self.w16: torch.Tensor | None = None  # the BF16 copy of a float32 weight with BF16 values
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)  # vLLM's own dispatch: its path for M > DENSE_MAX_M
@@ -139,21 +156,31 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
         w = layer.weight
         vpath = compat.cpu_dense_gemm_path(layer)
         ok, why = dense_gemm_available()
+        if ok and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous() and self.mode != "vllm":
+            self.w16 = exact_bf16(w.data)
         if not ok:
             reason = why
-        elif w.dtype != torch.bfloat16 or w.dim() != 2 or w.stride(-1) != 1:
-            reason = f"the weight is {w.dtype} {tuple(w.shape)}, not a row-major BF16 matrix"
+        elif self.w16 is None and (w.dtype != torch.bfloat16 or w.dim() != 2 or w.stride(-1) != 1):
+            reason = f"the weight is {w.dtype} {tuple(w.shape)}, not a row-major BF16 matrix" + (
+                " (nor float32 holding only BF16 values)" if w.dtype == torch.float32 else "")
         elif self.mode == "ours":
             self.ours, reason = True, f"{LM_HEAD_ENV}=ours"
         elif vpath == "torch":
             self.ours, reason = True, ("vLLM's dense path is the torch.nn.functional.linear fallback (oneDNN "
                                        "could not create its matmul primitive on this CPU)")
+        elif vpath == "onednn" and self.w16 is not None:
+            self.ours, self.max_m = True, DENSE_MAX_M_ONEDNN
+            reason = "vLLM's dense path is oneDNN on the float32 weight; ours streams half the bytes at small M"
         elif vpath == "onednn" and kernel_settings().get("bf16_dot") == "1":
             self.ours, self.max_m = True, DENSE_MAX_M_ONEDNN
             reason = "vLLM's dense path is oneDNN, which ours outruns at small M with AVX512-BF16 (measured)"
         else:
             reason = f"vLLM's dense path is {vpath} ({LM_HEAD_ENV}=ours forces ours)"
         shape = " x ".join(map(str, w.shape))
+        if self.ours and self.w16 is not None:
+            reason += "; the float32 weight holds only BF16 values: ours reads a BF16 copy of it"
+        elif self.w16 is not None:
+            self.w16 = None  # not used: no copy kept
         if self.ours:
             s = kernel_settings()
             kernel = ("vdpbf16ps" if s.get("bf16_dot") == "1" else "fp32 FMA") if s["isa"].startswith("avx512") \
@@ -166,5 +193,5 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.ours and x.numel() <= self.max_m * x.shape[-1]:
-            return torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight, bias)
+            return torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight if self.w16 is None else self.w16, bias)
         return super().apply(layer, x, bias)
