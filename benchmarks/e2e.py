@@ -144,7 +144,8 @@ def machine() -> dict:
 def probe_bandwidth(threads: int) -> float:
     """DRAM read GB/s right now (benchmarks.dequant's probe: torch.sum over 1 GiB, median of 5), in a
     process of its own so it neither disturbs nor is disturbed by a mode; recorded beside each mode, since
-    a shared host's bandwidth moves between minutes (this project's Xeon had a ~30 and a ~48 GB/s state)."""
+    a shared host's bandwidth moves between minutes (this project's Xeon read 6.8-19.9 GB/s within 25
+    minutes on 2026-12-01, docs/notes/issue-11-e2e-peer.md "Session 6")."""
     code = (f"import statistics, torch; torch.set_num_threads({threads}); "
             "from benchmarks.dequant import measure_bandwidth; print(statistics.median(measure_bandwidth(1024, 5)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -7,7 +7,7 @@ M = ``--m``, the two variants interleaved round by round (order alternating), an
 4K / THP is reported with its median. /proc/self/smaps shows how much of each copy really got huge
 pages (AnonHugePages), so a "no difference" cannot come from the kernel having refused them.
 
-    PYTHONPATH=$PWD/python python benchmarks/hugepages.py --k 4096 --n 4096 --bits 4 --layers 24
+    python -m benchmarks.hugepages --k 4096 --n 4096 --bits 4 --layers 24
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import argparse
 import mmap
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 
 import torch
+
+from benchmarks.dequant import random_layer
 
 HUGE = 2 << 20
 
@@ -66,9 +67,6 @@ def main() -> int:
                     help="mmap: both copies advised here (NOHUGEPAGE vs HUGEPAGE); backend: the backend's own "
                          "huge-page copy vs an ordinary torch clone")
     args = ap.parse_args()
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from dequant import random_layer
 
     from gptq_ascend import ops
     from gptq_ascend.backends import cpu as cpu_mod
