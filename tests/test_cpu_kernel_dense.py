@@ -1,6 +1,7 @@
-"""The dense BF16-weight GEMV / small-M GEMM (``cpu_dense_gemm``, csrc/cpu/dense_bf16*.cpp: the dense
-lm_head) against float64 math, on every kernel tier this process can select (``make test-tiers`` runs this
-module again under each lower GPTQ_ASCEND_CPU_ISA cap, with MKL/oneDNN capped alike).
+"""The dense BF16 / FP16-weight GEMV / small-M GEMM (``cpu_dense_gemm``, csrc/cpu/dense_bf16*.cpp: the
+dense lm_head) against float64 math, for both weight dtypes, on every kernel tier this process can select
+(``make test-tiers`` runs this module again under each lower GPTQ_ASCEND_CPU_ISA cap, with MKL/oneDNN
+capped alike).
 
 References are built here from the drawn weights and activations (``x.double() @ w.double().T``), never
 by running a kernel. Shapes reach every code path: M = 1..17 (row tiles of 1..4 rows on AVX-512, 1..2 on
@@ -21,6 +22,7 @@ _OK, _WHY = cpu_mod.dense_gemm_available()
 pytestmark = pytest.mark.skipif(not _OK, reason=str(_WHY))
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+WDTYPES = (torch.bfloat16, torch.float16)  # the weight: BF16 (shift) or FP16 (F16C) bits
 U24 = 2.0**-24  # fp32 unit roundoff
 ROUND = {torch.float32: U24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # one rounding at the store
 # (N, K): odd N (tails of the 4-row tile and of the 64-row thread unit), K tails of every vector width.
@@ -66,25 +68,31 @@ def check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.T
     assert worst <= 1.0, f"error {worst:.3g}x the bound (max |err| {float(err.max()):.3g})"
 
 
+def _wid(d: torch.dtype) -> str:
+    return "w" + str(d).split(".")[1]
+
+
+@pytest.mark.parametrize("wdt", WDTYPES, ids=_wid)
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}K{s[1]}")
-def test_dense_matches_float64(tier, dt, shape):
+def test_dense_matches_float64(tier, dt, shape, wdt):
     n, k = shape
     gen = torch.Generator().manual_seed(n * 7 + k)
-    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(wdt)
     for m in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17):
         x = torch.randn(m, k, generator=gen).to(dt)
         check_close(dense_out(x, w), x, w)
 
 
+@pytest.mark.parametrize("wdt", WDTYPES, ids=_wid)
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[1])
-def test_dense_one_rounding_exact(tier, dt):
+def test_dense_one_rounding_exact(tier, dt, wdt):
     """Small-integer data: every product and partial sum is exact in fp32, so the output must be the exact
     sum rounded once to the output dtype, bit for bit (a dropped, doubled or misplaced element, or a
     second rounding, shows)."""
     gen = torch.Generator().manual_seed(11)
     n, k = 203, 2048 + 37
-    w = torch.randint(-8, 9, (n, k), generator=gen).to(torch.bfloat16)
+    w = torch.randint(-8, 9, (n, k), generator=gen).to(wdt)
     for m in (1, 3, 4, 6, 13):
         x = (torch.randint(-8, 9, (m, k), generator=gen) * 1.0).to(dt)
         ref = x.double() @ w.double().t()
@@ -116,13 +124,36 @@ def test_dense_empty_m_and_nan_propagation(tier):
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
 
 
-def test_dense_large_k_many_threads(tier):
+@pytest.mark.parametrize("wdt", WDTYPES, ids=_wid)
+def test_dense_large_k_many_threads(tier, wdt):
     """A Qwen3-sized row (K = 2048) and enough rows for every thread to take several 64-row units."""
     gen = torch.Generator().manual_seed(5)
-    w = torch.randn(64 * 41 + 3, 2048, generator=gen).to(torch.bfloat16)
+    w = torch.randn(64 * 41 + 3, 2048, generator=gen).to(wdt)
     for dt in DTYPES:
         x = torch.randn(1, 2048, generator=gen).to(dt)
         check_close(dense_out(x, w), x, w)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_dense_fp16_weight_extremes_exact(tier, dt):
+    """FP16 weights across the whole format: subnormals (2^-24 .. 2^-14), the largest normal (65504),
+    signed zeros, and every exponent in between, each weight row against a one-hot x (x[m] selects
+    column k_m, scaled by a power of two), so each output is one weight times a power of two: exact in
+    fp32, so every output must equal the float64 value rounded once (a wrong widening, e.g. the bits
+    read as bf16, or a subnormal flushed to zero, shows)."""
+    gen = torch.Generator().manual_seed(21)
+    n, k = 131, 77
+    bits = torch.randint(0, 0x7C00, (n, k), generator=gen, dtype=torch.int32)  # every finite magnitude
+    bits[:, :8] = torch.tensor([0x0001, 0x03FF, 0x0200, 0x7BFF, 0x0400, 0x0000, 0x3C00, 0x0155])
+    sign = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int32) << 15
+    w = (bits | sign).to(torch.int16).view(torch.float16)
+    cols = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 40, 76])
+    x = torch.zeros(len(cols), k)
+    x[torch.arange(len(cols)), cols] = 2.0 ** torch.arange(-3, len(cols) - 3).float()
+    x = x.to(dt)
+    ref = x.double() @ w.double().t()
+    y = dense_out(x, w)
+    assert torch.equal(y, ref.to(dt)), "an fp16 weight was not widened exactly"
 
 
 @pytest.mark.parametrize("bad", ("wdtype", "wdim", "k", "xdtype", "wstride", "bias", "outshape", "outdtype"))

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -150,26 +152,30 @@ def test_lm_head_method_decision(tier, mode, dtype, caplog):
         cpu_mod.kernel_config("reset")
 
 
+@pytest.mark.parametrize("src", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
 @pytest.mark.parametrize("tier", [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS])
-def test_fp32_weight_of_bf16_values_runs_a_bf16_copy(tier, caplog):
-    """With float32 activations vLLM widens a BF16 checkpoint's lm_head to float32. When every value is a
-    BF16 number, ours runs a BF16 copy (the same weights, half the bytes): its result equals the op on
-    that copy, matches float64 math on the float32 weight, and one value off the BF16 grid turns it off."""
+def test_fp32_weight_of_16bit_values_runs_a_16bit_copy(tier, src, caplog):
+    """With float32 activations vLLM widens a BF16 or FP16 checkpoint's lm_head to float32. When every
+    value is a BF16 (else an FP16) number, ours runs a copy in that format (the same weights, half the
+    bytes): its result equals the op on that copy, matches float64 math on the float32 weight, and one
+    value off both grids turns it off. The FP16 weights drawn here are not all BF16 numbers."""
     ok, why = cpu_mod.dense_gemm_available()
     if not ok:
         pytest.skip(why)
     cpu_mod.kernel_config(tier)
     try:
-        layer = _layer(2048, 512, torch.bfloat16)
+        layer = _layer(2048, 512, src)
         w32 = layer.weight.data.float()
+        assert src == torch.bfloat16 or not torch.equal(w32.to(torch.bfloat16).float(), w32)
         layer.weight = torch.nn.Parameter(w32, requires_grad=False)
         qm = DenseLMHeadMethod("auto")
         with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
             qm.process_weights_after_loading(layer)
         vpath = compat.cpu_dense_gemm_path(layer)
         assert qm.ours and qm.max_m == (DENSE_MAX_M if vpath == "torch" else DENSE_MAX_M_ONEDNN), (vpath, qm.max_m)
-        assert qm.w16 is not None and qm.w16.dtype == torch.bfloat16 and torch.equal(qm.w16.float(), w32)
-        assert any("reads a BF16 copy" in r.getMessage() for r in caplog.records)
+        assert qm.w16 is not None and qm.w16.dtype == src and torch.equal(qm.w16.float(), w32)
+        name = "BF16" if src == torch.bfloat16 else "FP16"
+        assert any(f"reads a {name} copy" in r.getMessage() for r in caplog.records)
         gen = torch.Generator().manual_seed(5)
         x = torch.randn(qm.max_m, 512, generator=gen)
         y = qm.apply(layer, x)
@@ -177,7 +183,7 @@ def test_fp32_weight_of_bf16_values_runs_a_bf16_copy(tier, caplog):
         assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, qm.w16, None))
         ref = x.double() @ w32.double().t()
         assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 2**-20
-        # One weight off the BF16 grid: no copy, vLLM's own path on the float32 weight.
+        # One weight off both grids: no copy, vLLM's own path on the float32 weight.
         w_off = w32.clone()
         w_off[7, 3] = float(w_off[7, 3]) + 2.0 ** -20 * (1 + abs(float(w_off[7, 3])))
         layer.weight = torch.nn.Parameter(w_off, requires_grad=False)
@@ -224,10 +230,11 @@ def _lm_head_state(model) -> dict:
     w_ours = head.weight if w16 is None else w16  # what our op would read (vLLM's mode: fp32, not ours)
     return {"method": type(qm).__name__, "ours": bool(getattr(qm, "ours", False)), "w16": w16 is not None,
             # what the logits processor's call computes: our op's bits at M = 3, vLLM's own above DENSE_MAX_M
-            "apply_small_is_ours": w_ours.dtype == torch.bfloat16 and torch.equal(
+            "apply_small_is_ours": w_ours.dtype in (torch.bfloat16, torch.float16) and torch.equal(
                 qm.apply(head, h), torch.ops.gptq_ascend.cpu_dense_gemm(h, w_ours)),
             "apply_big_is_vllm": torch.equal(qm.apply(head, big), head.cpu_linear(big, head.weight, None)),
             "vllm_path": compat.cpu_dense_gemm_path(head), "dtype": str(head.weight.dtype),
+            "w16_dtype": None if w16 is None else str(w16.dtype),
             "tied": head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()}
 
 
@@ -249,15 +256,21 @@ def _run(fixture, prompts: list[list[int]], dtype: str = "bfloat16") -> dict:
         shutdown(llm)
 
 
+FIXTURE_FP16 = "llama-int8-g64-asym"  # an FP16 checkpoint with an untied lm_head
+
+
 @pytest.mark.engine
-@pytest.mark.parametrize("dtype", ("bfloat16", "float32"))
-def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property, dtype):
-    """bfloat16: our GEMV on the tied BF16 head. float32: vLLM widens the fixture's BF16 head to float32
-    (every value still a BF16 number), so ours runs a BF16 copy of it: same tokens, same logprobs."""
+@pytest.mark.parametrize(("fixture_name", "dtype"), ((FIXTURE, "bfloat16"), (FIXTURE, "float32"),
+                                                     (FIXTURE_FP16, "float32")),
+                         ids=("bf16-bfloat16", "bf16-float32", "fp16-float32"))
+def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property, fixture_name, dtype):
+    """bfloat16: our GEMV on the tied BF16 head. float32: vLLM widens the fixture's head to float32
+    (every value still a BF16 number for the Qwen3 fixture, an FP16 number for the FP16 Llama one), so
+    ours runs a copy in that format: same tokens, same logprobs."""
     from .test_vllm_plugin_engine import BY_NAME, ENV, TOL_BF16, prompts_of
 
-    if FIXTURE not in BY_NAME:
-        pytest.skip(f"fixture {FIXTURE} missing")
+    if fixture_name not in BY_NAME:
+        pytest.skip(f"fixture {fixture_name} missing")
     ok, why = cpu_mod.dense_gemm_available()
     if not ok:
         pytest.skip(why)
@@ -265,7 +278,9 @@ def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property, dty
 
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    fixture = BY_NAME[FIXTURE]
+    fixture = BY_NAME[fixture_name]
+    cfg = json.loads((fixture / "config.json").read_text())
+    src = {"bfloat16": "torch.bfloat16", "float16": "torch.float16"}[cfg.get("torch_dtype") or cfg["dtype"]]
     prompts = prompts_of(fixture)
     runs = {}
     for mode in ("vllm", "ours"):
@@ -276,8 +291,10 @@ def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property, dty
     theirs, ours = runs["vllm"], runs["ours"]
     assert theirs["state"]["method"] == "UnquantizedEmbeddingMethod" and not theirs["state"]["ours"]
     assert ours["state"]["method"] == "DenseLMHeadMethod", ours["state"]
-    assert ours["state"]["dtype"] == f"torch.{dtype}" and ours["state"]["tied"], ours["state"]
+    assert ours["state"]["dtype"] == f"torch.{dtype}", ours["state"]
+    assert ours["state"]["tied"] == cfg.get("tie_word_embeddings", False), ours["state"]
     assert ours["state"]["ours"] and ours["state"]["w16"] == (dtype == "float32"), ours["state"]
+    assert ours["state"]["w16_dtype"] == (src if dtype == "float32" else None), ours["state"]
     assert ours["state"]["apply_small_is_ours"] and ours["state"]["apply_big_is_vllm"], ours["state"]
     # Same hidden states; the two lm_heads differ only in summation order, i.e. by about one bf16 rounding of
     # each logit. Greedy tokens must agree except where vLLM's own top-2 logprobs are that close (a near-tie

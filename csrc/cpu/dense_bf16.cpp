@@ -1,10 +1,10 @@
-// The dense BF16-weight GEMV / small-M GEMM op (dense_bf16.h): argument checks, the kernel choice from
+// The dense BF16 / FP16-weight GEMV / small-M GEMM op (dense_bf16.h): argument checks, the kernel choice from
 // the tier config.cpp chose (current_config(): the same GPTQ_ASCEND_CPU_ISA cap as the GPTQ kernels),
 // the portable fallback, and its registration. Baseline ISA.
 //
 //   cpu_dense_gemm(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor
-//     x [..., K] fp32 / bf16 / fp16; weight [N, K] bf16 with unit stride along K (vLLM's lm_head weight,
-//     used in place: no copy, no repack); bias [N] or None. Returns [..., N] in x's dtype, computed as a
+//     x [..., K] fp32 / bf16 / fp16; weight [N, K] bf16 or fp16 with unit stride along K (vLLM's lm_head
+//     weight, used in place: no copy, no repack; or lm_head.py's 16-bit copy of a float32 one); bias [N] or None. Returns [..., N] in x's dtype, computed as a
 //     correct dense GEMM does (exact products, fp32 sums, one rounding). Built for M <= ~16 rows (the
 //     weight is streamed once per call, the rows are re-read from cache per row tile); correct for any M.
 //   cpu_dense_gemm.out(..., *, Tensor(a!) out) -> Tensor(a!)     out: contiguous, x's dtype, [..., N]
@@ -21,13 +21,15 @@ namespace gptq_cpu {
 namespace {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
-#include "kernel_portable.inc"  // store_out, bf16_to_float at the baseline ISA
+#include "kernel_portable.inc"  // store_out, bf16_to_float, half_to_float at the baseline ISA
 #pragma GCC diagnostic pop
 
 // The generic tier: per output, 8 independent fp32 partial sums (the compiler vectorizes them at the
 // baseline ISA), the K tail into the same sums, one rounding at the store.
+template <bool F16>
 void portable_dense(const dense::DenseArgs& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K;
+  const auto wf = [](uint16_t v) { return F16 ? half_to_float(v) : bf16_to_float(v); };
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* w = a.w + n * a.ldw;
     for (int64_t m = 0; m < a.M; ++m) {
@@ -35,8 +37,8 @@ void portable_dense(const dense::DenseArgs& a, int64_t n0, int64_t n1) {
       float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       int64_t k = 0;
       for (; k + 8 <= K; k += 8)
-        for (int j = 0; j < 8; ++j) s[j] += bf16_to_float(w[k + j]) * x[k + j];
-      for (int j = 0; k < K; ++k, ++j) s[j] += bf16_to_float(w[k]) * x[k];
+        for (int j = 0; j < 8; ++j) s[j] += wf(w[k + j]) * x[k + j];
+      for (int j = 0; k < K; ++k, ++j) s[j] += wf(w[k]) * x[k];
       const float v = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
       store_out(a.out, a.out_type, m * a.ldo + n, v + (a.bias ? a.bias[n] : 0.f));
     }
@@ -73,9 +75,9 @@ std::vector<int64_t> check_dense(const char* op, const at::Tensor& x, const at::
                                  const c10::optional<at::Tensor>& bias, at::Tensor& bias32) {
   TORCH_CHECK(weight.device().is_cpu() && x.device().is_cpu(), op, ": x and weight must be CPU tensors, got ",
               x.device(), " and ", weight.device());
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2, op,
-              ": weight must be a 2-D bfloat16 tensor [out_features, in_features], got ", weight.scalar_type(), " ",
-              weight.sizes());
+  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) && weight.dim() == 2, op,
+              ": weight must be a 2-D bfloat16 or float16 tensor [out_features, in_features], got ",
+              weight.scalar_type(), " ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(N > 0 && K > 0, op, ": weight must not be empty, got ", weight.sizes());
   TORCH_CHECK(weight.stride(1) == 1 && weight.stride(0) >= K, op,
@@ -105,9 +107,10 @@ void dense_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   if (M == 0) return;
 
   const Config cfg = current_config();
-  const bool dot = cfg.isa == Isa::Avx512 && cfg.bf16_dot && st == at::kBFloat16;
+  const bool f16 = weight.scalar_type() == at::kHalf;
+  const bool dot = cfg.isa == Isa::Avx512 && cfg.bf16_dot && st == at::kBFloat16 && !f16;
   at::Tensor xk = dot ? x2 : x2.to(at::kFloat).contiguous();  // bf16 / fp16 -> fp32 is exact
-  if (cfg.isa == Isa::Avx2) {
+  if (cfg.isa == Isa::Avx2 && !f16) {
     if (xk.data_ptr() == x2.data_ptr()) xk = xk.clone();  // fp32 x arrives as is: never permute the caller's
     split16_x(xk.data_ptr<float>(), M, K);
   }
@@ -115,8 +118,9 @@ void dense_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   a.M = M;
   a.N = N;
   a.K = K;
-  a.w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  a.w = static_cast<const uint16_t*>(weight.data_ptr());
   a.ldw = weight.stride(0);
+  a.w_f16 = f16;
   if (dot) a.xb = reinterpret_cast<const uint16_t*>(xk.data_ptr<at::BFloat16>());
   else a.xf = xk.data_ptr<float>();
   a.ldx = K;
@@ -135,7 +139,7 @@ void dense_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
     switch (isa) {
       case Isa::Avx512: r = dot ? dense::avx512::dense_bf16dot(a, n0, n1) : dense::avx512::dense_f32(a, n0, n1); break;
       case Isa::Avx2: r = dense::avx2::dense_f32(a, n0, n1); break;
-      default: portable_dense(a, n0, n1); break;
+      default: a.w_f16 ? portable_dense<true>(a, n0, n1) : portable_dense<false>(a, n0, n1); break;
     }
     if (!r) ok = false;
   });

@@ -1,4 +1,4 @@
-// AVX-512 kernels of the dense BF16-weight GEMV / small-M GEMM (dense_bf16.h). Only this unit is
+// AVX-512 kernels of the dense BF16 / FP16-weight GEMV / small-M GEMM (dense_bf16.h). Only this unit is
 // compiled for AVX-512 (with BF16 enabled for the dot path; the avx512 tier calls only dense_f32, which
 // uses no BF16 instruction). No torch header (ODR note in kernel.h).
 //
@@ -13,6 +13,8 @@
 // * bf16 -> fp32 is a 16-bit left shift of the zero-extended bits (exact); the fp32 path then does one
 //   FMA per 16 weights per row. With AVX512-BF16 and bf16 activations, vdpbf16ps does 32 products per
 //   instruction straight from the bits (exact products, fp32 sums; subnormal inputs read as zero).
+//   FP16 weights (the 16-bit copy of an FP16 checkpoint's float32-widened head) are widened by
+//   vcvtph2ps (F16C, exact) instead of the shift and always take the fp32 FMA path.
 // * The K tail is done with masked loads (zeros beyond K on both operands), so no element past a row
 //   end is ever read into a sum and no row needs padding.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -40,7 +42,9 @@ using dense::DenseArgs;
 constexpr int kNR = 4;  // weight rows per tile
 constexpr int kMR = 4;  // activation rows per row tile
 
-ALWAYS_INLINE __m512 bf16x16_to_ps(__m256i b) {
+template <bool F16>
+ALWAYS_INLINE __m512 w16x16_to_ps(__m256i b) {
+  if constexpr (F16) return _mm512_cvtph_ps(b);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
@@ -59,7 +63,7 @@ ALWAYS_INLINE void store_tile(const DenseArgs& a, int64_t n, int64_t m0, __m512 
   }
 }
 
-template <int NR, int MR>
+template <bool F16, int NR, int MR>
 __attribute__((noinline)) void tile_f32(const DenseArgs& a, int64_t n, int64_t m0, bool pf) {
   const int64_t K = a.K, ldw = a.ldw, ldx = a.ldx;
   const uint16_t* w = a.w + n * ldw;
@@ -75,7 +79,7 @@ __attribute__((noinline)) void tile_f32(const DenseArgs& a, int64_t n, int64_t m
     for (int h = 0; h < 32; h += 16) {
       __m512 wv[NR];
       for (int r = 0; r < NR; ++r)
-        wv[r] = bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k + h)));
+        wv[r] = w16x16_to_ps<F16>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k + h)));
       for (int m = 0; m < MR; ++m) {
         const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + h);
         for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
@@ -86,7 +90,7 @@ __attribute__((noinline)) void tile_f32(const DenseArgs& a, int64_t n, int64_t m
     const int64_t rem = K - k;
     const __mmask16 mk = rem >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
     __m512 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = bf16x16_to_ps(_mm256_maskz_loadu_epi16(mk, w + r * ldw + k));
+    for (int r = 0; r < NR; ++r) wv[r] = w16x16_to_ps<F16>(_mm256_maskz_loadu_epi16(mk, w + r * ldw + k));
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * ldx + k);
       for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
@@ -127,30 +131,33 @@ __attribute__((noinline)) void tile_dot(const DenseArgs& a, int64_t n, int64_t m
   store_tile<NR, MR>(a, n, m0, acc);
 }
 
+// Which tile: vdpbf16ps, or the fp32 FMA tile on bf16 / fp16 weights.
+enum class Kind { Dot, Bf16, F16 };
+
 // The two ladders (tile height NR for the N tail, MR for the row tile) in one place.
-template <bool Dot, int NR, int MR>
+template <Kind Kd, int NR, int MR>
 ALWAYS_INLINE void run_tile(const DenseArgs& a, int64_t n, int64_t m0, bool pf) {
-  if constexpr (Dot) tile_dot<NR, MR>(a, n, m0, pf);
-  else tile_f32<NR, MR>(a, n, m0, pf);
+  if constexpr (Kd == Kind::Dot) tile_dot<NR, MR>(a, n, m0, pf);
+  else tile_f32<Kd == Kind::F16, NR, MR>(a, n, m0, pf);
 }
 
-template <bool Dot, int NR>
+template <Kind Kd, int NR>
 ALWAYS_INLINE void run_rows(const DenseArgs& a, int64_t n) {
   // The shared row-tile split and tile-height ladder (driver.inc): near-equal tiles, M = 5 -> 3 + 2.
   for_row_tiles<kMR>(a.M, [&](int64_t t, int64_t m0, int mr) {
     const bool pf = a.prefetch && t == 0;
-    with_mr<kMR>(mr, [&]<int MR>() { run_tile<Dot, NR, MR>(a, n, m0, pf); });
+    with_mr<kMR>(mr, [&]<int MR>() { run_tile<Kd, NR, MR>(a, n, m0, pf); });
   });
 }
 
-template <bool Dot>
+template <Kind Kd>
 void run(const DenseArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kNR <= n1; n += kNR) run_rows<Dot, kNR>(a, n);
+  for (; n + kNR <= n1; n += kNR) run_rows<Kd, kNR>(a, n);
   switch (n1 - n) {
-    case 1: run_rows<Dot, 1>(a, n); break;
-    case 2: run_rows<Dot, 2>(a, n); break;
-    case 3: run_rows<Dot, 3>(a, n); break;
+    case 1: run_rows<Kd, 1>(a, n); break;
+    case 2: run_rows<Kd, 2>(a, n); break;
+    case 3: run_rows<Kd, 3>(a, n); break;
     default: break;
   }
 }
@@ -159,11 +166,12 @@ void run(const DenseArgs& a, int64_t n0, int64_t n1) {
 
 namespace dense::avx512 {
 bool dense_f32(const DenseArgs& a, int64_t n0, int64_t n1) {
-  run<false>(a, n0, n1);
+  if (a.w_f16) run<Kind::F16>(a, n0, n1);
+  else run<Kind::Bf16>(a, n0, n1);
   return true;
 }
 bool dense_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1) {
-  run<true>(a, n0, n1);
+  run<Kind::Dot>(a, n0, n1);
   return true;
 }
 }  // namespace dense::avx512

@@ -3,7 +3,7 @@
 GPTQ checkpoints leave the lm_head dense (Qwen3-1.7B ties it to its 151936 x 2048 embedding: 0.62 GB of
 BF16, about a third of the bytes a decoded token reads). ``GPTQ_ASCEND_LM_HEAD`` picks how it runs:
 
-* ``auto`` (default), for BF16 weights: our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp)
+* ``auto`` (default), for BF16 (and FP16) weights: our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp)
   for M <= ``DENSE_MAX_M`` rows where vLLM's own dense path is the ``torch.nn.functional.linear``
   fallback (AVX2-only CPUs, where oneDNN cannot create its matmul primitive and torch's BF16 GEMM has no
   native dot product: ours measured 2.1-3.5x faster at M = 1-8), and for M <= ``DENSE_MAX_M_ONEDNN``
@@ -12,10 +12,11 @@ BF16, about a third of the bytes a decoded token reads). ``GPTQ_ASCEND_LM_HEAD``
   numerics are the checkpoint's either way (exact products, fp32 sums, one rounding; only the summation
   order differs). With float32 activations vLLM builds the lm_head in float32 (twice the checkpoint's
   bytes, 1.24 GB for Qwen3-1.7B, read by every token); when every value of it is exactly a BF16 number
-  (a BF16 checkpoint widened), our GEMV gets a BF16 copy instead: the same weights, half the bytes per
-  token (the float32 tensor stays for the embedding lookup and vLLM's path at larger M).
-* ``ours``: our GEMV whenever the weight is BF16 (M <= DENSE_MAX_M), whatever vLLM would use (for tests
-  and A/Bs on machines where oneDNN works).
+  (a BF16 checkpoint widened) or else exactly an FP16 number (an FP16 checkpoint widened), our GEMV gets
+  a 16-bit copy instead: the same weights, half the bytes per token (the float32 tensor stays for the
+  embedding lookup and vLLM's path at larger M). The copy is made only once ours is chosen.
+* ``ours``: our GEMV whenever the weight is BF16 / FP16 (or float32 holding only such values; M <=
+  DENSE_MAX_M), whatever vLLM would use (for tests and A/Bs on machines where oneDNN works).
 * ``vllm``: vLLM's method untouched.
 * ``int8``: quantized once at load, per output row (symmetric 8-bit, one fp32 scale per vocabulary entry:
   the "group -1" GPTQ layout), run through the fused int8 kernel (~1 byte per weight instead of 2). This
@@ -50,19 +51,29 @@ DENSE_MAX_M = 16
 DENSE_MAX_M_ONEDNN = 4
 logger = logging.getLogger("vllm.gptq_ascend")
 _ROWS_PER_CHUNK = 8192  # bounds the fp32 temporary of the quantization (8192 x H x 4 bytes)
+W16_DTYPES = (torch.bfloat16, torch.float16)  # the weight dtypes cpu_dense_gemm reads
 
 
-def exact_bf16(w: torch.Tensor) -> torch.Tensor | None:
-    """A BF16 copy of the float32 matrix ``w`` if every value of it is a BF16 number (the copy is then
-    the same weights), else None. Checked in row chunks, so the temporaries stay small."""
-    out = torch.empty(w.shape, dtype=torch.bfloat16)
+def _exact_copy(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    out = torch.empty(w.shape, dtype=dtype)
     for r0 in range(0, w.shape[0], _ROWS_PER_CHUNK):
         rows = w[r0:r0 + _ROWS_PER_CHUNK]
-        b = rows.to(torch.bfloat16)
-        if not torch.equal(b.float(), rows):
+        b = rows.to(dtype)
+        if not torch.equal(b.float(), rows):  # NaN never compares equal: no copy of a head holding NaN
             return None
         out[r0:r0 + len(rows)] = b
     return out
+
+
+def exact_16bit(w: torch.Tensor) -> torch.Tensor | None:
+    """A BF16, else an FP16, copy of the float32 matrix ``w`` if every value of it is a number of that
+    format (the copy is then the same weights), else None. Checked in row chunks, so the temporaries
+    stay small; an FP16 check fails on values out of its range (they round to inf)."""
+    for dtype in W16_DTYPES:
+        out = _exact_copy(w, dtype)
+        if out is not None:
+            return out
+    return None
 
 
 def lm_head_mode(environ: dict | None = None) -> str:
@@ -137,6 +148,16 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
         return self._backend.gemm(x, self._packed, bias)
 
 
+def _kernel_name(settings: dict, f16: bool) -> str:
+    """The instructions our GEMV runs on this tier (for the load-time log line)."""
+    isa = settings["isa"]
+    if not (isa == "avx2" or isa.startswith("avx512")):
+        return "portable"
+    if f16:
+        return "F16C + fp32 FMA"
+    return "vdpbf16ps" if isa.startswith("avx512") and settings.get("bf16_dot") == "1" else "fp32 FMA"
+
+
 class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
     """vLLM's dense lm_head method; ``apply`` through ``cpu_dense_gemm`` for M <= ``max_m`` rows when the
     mode (``auto`` / ``ours``), the weight and vLLM's own path make it the faster one (decided at load,
@@ -147,7 +168,7 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
         self.mode = mode
         self.ours = False
         self.max_m = DENSE_MAX_M
-        self.w16: torch.Tensor | None = None  # the BF16 copy of a float32 weight with BF16 values
+        self.w16: torch.Tensor | None = None  # the 16-bit copy of a float32 weight holding 16-bit values
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)  # vLLM's own dispatch: its path for M > DENSE_MAX_M
@@ -156,35 +177,37 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
         w = layer.weight
         vpath = compat.cpu_dense_gemm_path(layer)
         ok, why = dense_gemm_available()
-        if ok and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous() and self.mode != "vllm":
-            self.w16 = exact_bf16(w.data)
+        rowmajor = w.dim() == 2 and w.stride(-1) == 1
+        widened = w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()  # maybe 16-bit values
         if not ok:
             reason = why
-        elif self.w16 is None and (w.dtype != torch.bfloat16 or w.dim() != 2 or w.stride(-1) != 1):
-            reason = f"the weight is {w.dtype} {tuple(w.shape)}, not a row-major BF16 matrix" + (
-                " (nor float32 holding only BF16 values)" if w.dtype == torch.float32 else "")
+        elif not (rowmajor and w.dtype in W16_DTYPES or widened):
+            reason = f"the weight is {w.dtype} {tuple(w.shape)}, not a row-major BF16 / FP16 matrix"
         elif self.mode == "ours":
             self.ours, reason = True, f"{LM_HEAD_ENV}=ours"
         elif vpath == "torch":
             self.ours, reason = True, ("vLLM's dense path is the torch.nn.functional.linear fallback (oneDNN "
                                        "could not create its matmul primitive on this CPU)")
-        elif vpath == "onednn" and self.w16 is not None:
+        elif vpath == "onednn" and widened:
             self.ours, self.max_m = True, DENSE_MAX_M_ONEDNN
             reason = "vLLM's dense path is oneDNN on the float32 weight; ours streams half the bytes at small M"
-        elif vpath == "onednn" and kernel_settings().get("bf16_dot") == "1":
+        elif vpath == "onednn" and w.dtype == torch.bfloat16 and kernel_settings().get("bf16_dot") == "1":
             self.ours, self.max_m = True, DENSE_MAX_M_ONEDNN
             reason = "vLLM's dense path is oneDNN, which ours outruns at small M with AVX512-BF16 (measured)"
         else:
             reason = f"vLLM's dense path is {vpath} ({LM_HEAD_ENV}=ours forces ours)"
+        if self.ours and widened:  # only now: the check and the copy are one more pass over the weight
+            self.w16 = exact_16bit(w.data)
+            if self.w16 is None:
+                self.ours, self.max_m = False, DENSE_MAX_M
+                reason = "the float32 weight holds values that are not all BF16 (nor all FP16) numbers"
+            else:
+                name = "BF16" if self.w16.dtype == torch.bfloat16 else "FP16"
+                reason += f"; the float32 weight holds only {name} values: ours reads a {name} copy of it"
         shape = " x ".join(map(str, w.shape))
-        if self.ours and self.w16 is not None:
-            reason += "; the float32 weight holds only BF16 values: ours reads a BF16 copy of it"
-        elif self.w16 is not None:
-            self.w16 = None  # not used: no copy kept
         if self.ours:
             s = kernel_settings()
-            kernel = ("vdpbf16ps" if s.get("bf16_dot") == "1" else "fp32 FMA") if s["isa"].startswith("avx512") \
-                else ("fp32 FMA" if s["isa"] == "avx2" else "portable")
+            kernel = _kernel_name(s, (w.dtype if self.w16 is None else self.w16.dtype) == torch.float16)
             logger.info("gptq_ascend: lm_head %s (%s): our dense GEMV (cpu_dense_gemm, tier %s, %s) for M <= %d, "
                         "vLLM's %s above: %s", shape, w.dtype, s["isa"], kernel, self.max_m, vpath, reason)
         else:
