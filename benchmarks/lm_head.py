@@ -7,7 +7,10 @@ every call streams it from DRAM):
               in force (``GPTQ_ASCEND_CPU_ISA`` caps it);
 * ``linear``  ``F.linear`` on the BF16 weight: what vLLM runs where oneDNN cannot build its primitive
               (its ``torch.nn.functional.linear`` fallback);
-* ``lin32``   ``F.linear`` on an fp32 copy of the weight (fp32 activations; twice the bytes);
+* ``lin32``   ``F.linear`` on an fp32 copy of the weight (fp32 activations; twice the bytes): what vLLM
+              runs when it widens the head to float32;
+* ``ours_x32`` / ``ours16_x32``  ours with fp32 activations on the BF16 weight / on an FP16 copy of it
+              (lm_head.py's 16-bit copy of a widened BF16 / FP16 head; FP16 through F16C);
 * ``onednn``  vLLM's own dense path (``ops.create_onednn_mm`` / ``ops.onednn_mm``), absent where the
               primitive cannot be created (the benchmark says why);
 * ``floor``   a streaming read (``torch.sum``) of as many bytes as the BF16 weight, in the same rounds.
@@ -51,8 +54,10 @@ def make_methods(v: int, h: int, m: int, fp32: bool, onednn: bool, why: list[str
     if linear:
         methods["linear"] = lambda: F.linear(x, w)
     if fp32:
-        w32, x32 = w.float(), x.float()
+        w32, x32, w16 = w.float(), x.float(), w.half()
         methods["lin32"] = lambda: F.linear(x32, w32)
+        methods["ours_x32"] = lambda: torch.ops.gptq_ascend.cpu_dense_gemm(x32, w, None)
+        methods["ours16_x32"] = lambda: torch.ops.gptq_ascend.cpu_dense_gemm(x32, w16, None)
     if onednn:
         try:
             from vllm import _custom_ops as vops
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", default="1,4,8", help="activation rows, comma-separated (default 1,4,8)")
     ap.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated (default 1,2)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; cells are medians (default 7)")
-    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32-weight F.linear column")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32-activation columns")
     ap.add_argument("--no-onednn", action="store_true", help="skip vLLM's oneDNN column")
     ap.add_argument("--no-linear", action="store_true", help="skip the BF16 F.linear column (A/Bs of ours)")
     args = ap.parse_args(argv)
