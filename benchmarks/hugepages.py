@@ -23,17 +23,6 @@ import torch
 
 from benchmarks.dequant import random_layer
 
-HUGE = 2 << 20
-
-
-def advised_buffer(nbytes: int, huge: bool) -> tuple[mmap.mmap, torch.Tensor]:
-    """A 2 MiB-aligned uint8 tensor of nbytes in its own mapping, advised before any page is touched."""
-    mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
-    whole = torch.frombuffer(mm, dtype=torch.uint8)
-    off = (-whole.data_ptr()) % HUGE
-    return mm, whole[off:off + nbytes]
-
 
 def anon_huge_kib(ptrs: list[tuple[int, int]]) -> tuple[int, int]:
     """(AnonHugePages, Rss) in KiB summed over the smaps mappings that overlap the [ptr, ptr+n) ranges."""
@@ -79,17 +68,13 @@ def main() -> int:
     codes = packed.tensors["codes"]
     nb = codes.numel()
 
-    keep = []
     variants: dict[str, list[dict]] = {"thp": [], "4k": []}
     for _ in range(args.layers):
         for name in variants:
             if args.alloc == "backend":
                 c = cpu_mod._in_huge_pages(codes) if name == "thp" else codes.clone()
-            else:
-                mm, buf = advised_buffer(nb, huge=name == "thp")
-                c = buf.view(codes.shape)
-                c.copy_(codes)  # first touch, after the advice
-                keep.append(mm)
+            else:  # both copies advised (the first touch comes after the advice)
+                c = cpu_mod.advised_copy(codes, mmap.MADV_HUGEPAGE if name == "thp" else mmap.MADV_NOHUGEPAGE)
             d = {k: v.clone() for k, v in packed.tensors.items()}
             d["codes"] = c
             variants[name].append(d)

@@ -117,10 +117,19 @@ def _in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     nbytes = t.numel() * t.element_size()
     if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not hugepages_wanted():
         return t
+    return advised_copy(t, mmap.MADV_HUGEPAGE)
+
+
+def advised_copy(t: torch.Tensor, advice: int) -> torch.Tensor:
+    """A copy of contiguous ``t`` in its own 2 MiB-aligned anonymous mapping whose whole 2 MiB pages are
+    given ``advice`` (``mmap.MADV_HUGEPAGE`` / ``MADV_NOHUGEPAGE``) before the copy first touches them.
+    The tensor keeps the mapping alive (torch.frombuffer holds it)."""
+    nbytes = t.numel() * t.element_size()
     mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mm, dtype=torch.uint8)
     off = -whole.data_ptr() % _HUGE_PAGE
-    mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+    if nbytes >= _HUGE_PAGE:
+        mm.madvise(advice, off, nbytes // _HUGE_PAGE * _HUGE_PAGE)
     out = whole[off:off + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
