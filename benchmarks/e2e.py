@@ -12,6 +12,8 @@ Modes, each in its own process (so peak RSS and start-up are that mode's alone),
   online-int8, online-int4  vLLM, --quantization gptq_ascend, activations in --dtype
   online-int8-head8, -int4-head8  the same with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD=int8),
                             like llama.cpp's quantized files, whose output matrix is quantized too
+  online-int8-a8, -int4-a8 (and -a8-head8)  the same with the opt-in int8 activations
+                            (GPTQ_ASCEND_CPU_W8A8=1: llama.cpp's Q8_0 / Q4_0 arithmetic)
   offline-bf16, -fp16, -fp32  vLLM, the converted dense checkpoint loaded in that dtype
   llama-bf16, -q8_0, -q4_0  llama.cpp (tools/llama_cpp_peer.py: built from PyPI's llama-cpp-python source,
                             cached): the converted checkpoint written as a BF16 GGUF bit for bit, then
@@ -50,13 +52,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 SHORT = {v: k for k, v in DTYPES.items()}
-VLLM_MODES = ("online-int8", "online-int4", "online-int8-head8", "online-int4-head8", "offline-bf16", "offline-fp16",
+VLLM_MODES = ("online-int8", "online-int4", "online-int8-head8", "online-int4-head8", "online-int8-a8",
+              "online-int4-a8", "online-int8-a8-head8", "online-int4-a8-head8", "offline-bf16", "offline-fp16",
               "offline-fp32")
 # `-head8`: the same online mode with the opt-in int8 lm_head (GPTQ_ASCEND_LM_HEAD=int8). llama.cpp's
 # Q8_0 / Q4_0 files quantize the tied output matrix too (Q8_0 / Q6_K), so this is the like-for-like
 # column against them; the plain online modes keep the checkpoint's dense lm_head.
 HEAD8 = "-head8"
 LM_HEAD_ENV, LM_HEAD_INT8_ENV = "GPTQ_ASCEND_LM_HEAD", "GPTQ_ASCEND_LM_HEAD_INT8"
+# `-a8`: the opt-in int8-activation kernels (GPTQ_ASCEND_CPU_W8A8=1; docs/cpu-kernel.md states their
+# accuracy cost), the arithmetic of llama.cpp's Q8_0 / Q4_0 dot products. Only these modes get the switch.
+A8, W8A8_ENV = "-a8", "GPTQ_ASCEND_CPU_W8A8"
 LLAMA_MODES = {"llama-bf16": None, "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
 ALL_MODES = VLLM_MODES + tuple(LLAMA_MODES)
 DEFAULT_CPU_MODES = ("online-int8", "online-int4", "offline-bf16", "offline-fp32")
@@ -71,8 +77,8 @@ TIER_FLAGS = {"avx2": {"avx2", "fma", "f16c"}}
 
 
 def base_mode(mode: str) -> str:
-    """The checkpoint a mode runs: ``online-int8-head8`` runs ``online-int8``'s."""
-    return mode.removesuffix(HEAD8)
+    """The checkpoint a mode runs: ``online-int8-a8-head8`` runs ``online-int8``'s."""
+    return mode.removesuffix(HEAD8).removesuffix(A8)
 
 # Long enough to give 128 tokens with any tokenizer; each prompt gets its own number first so that no
 # two prompts of a batch share a prefix.
@@ -419,8 +425,9 @@ def llama_worker(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bool) -> dict:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+def mode_env(mode: str, args: argparse.Namespace, environ: dict | None = None) -> dict:
+    """The environment a mode's process gets (from ``environ``, default os.environ)."""
+    env = dict(os.environ if environ is None else environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     # Only the -head8 modes run the int8 lm_head, whatever the shell says; another GPTQ_ASCEND_LM_HEAD
     # choice (auto / ours / vllm) is passed on to the other online modes.
     env.pop(LM_HEAD_INT8_ENV, None)
@@ -428,9 +435,17 @@ def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bo
         env.pop(LM_HEAD_ENV)
     if mode.endswith(HEAD8):
         env[LM_HEAD_ENV] = "int8"
+    env.pop(W8A8_ENV, None)
+    if mode.removesuffix(HEAD8).endswith(A8):
+        env[W8A8_ENV] = "1"
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
         env.update(TIER_ENV[args.cpu_tier])
+    return env
+
+
+def run_mode(mode: str, model: Path, args: argparse.Namespace, enforce_eager: bool) -> dict:
+    env = mode_env(mode, args)
     cmd = [sys.executable, "-m", "benchmarks.e2e", "--worker", mode, "--model", str(model),
            "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype,
            "--device", args.device, "--batches", args.batches, "--threads", str(args.threads),
@@ -617,7 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peer:
         modes += [m for m in LLAMA_MODES if m not in modes]
     if args.device == "npu":
-        # the int8 lm_head is a CPU-backend feature: no -head8 modes there
+        # the int8 lm_head and int8 activations are CPU-backend features: no -head8 / -a8 modes there
         wrong = [m for m in modes if m not in ("online-int8", "online-int4", "offline-fp16", "offline-bf16")]
         if wrong:
             ap.error(f"--device npu runs online-intN and offline-fp16/bf16 only, not {', '.join(wrong)}")

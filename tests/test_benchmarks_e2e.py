@@ -175,14 +175,27 @@ def test_mode_lists():
         "online-int8", "offline-fp16"]
     assert e2e.parse_args(["--device", "npu"]).batches == "1,8,64"
     # -head8 runs the same checkpoint as its online mode, and is compared with the same llama.cpp peer.
-    args = e2e.parse_args(["--modes", "online-int8-head8,online-int4-head8"])
-    assert [e2e.base_mode(m) for m in args.mode_list] == ["online-int8", "online-int4"]
+    args = e2e.parse_args(["--modes", "online-int8-head8,online-int4-head8,online-int4-a8,online-int4-a8-head8"])
+    assert [e2e.base_mode(m) for m in args.mode_list] == ["online-int8", "online-int4", "online-int4", "online-int4"]
     lines = e2e.ratios([{"mode": "online-int8-head8", "decode_tok_s_b1": 3.0},
                         {"mode": "llama-q8_0", "decode_tok_s_b1": 2.0},
                         {"mode": "offline-bf16", "decode_tok_s_b1": 1.5}])
     assert lines == ["online-int8-head8 / offline-bf16 (best dense vLLM): 2.00x",
                      "online-int8-head8 / llama-q8_0: 1.50x"]
     assert e2e.parse_args([]).batches == "1,8"
+
+
+def test_mode_env_switches_only_for_their_modes():
+    """-head8 alone gets the int8 lm_head, -a8 alone the int8 activations, whatever the shell exported."""
+    args = e2e.parse_args(["--cpu-tier", "avx2"])
+    shell = {"GPTQ_ASCEND_LM_HEAD": "int8", "GPTQ_ASCEND_LM_HEAD_INT8": "1", "GPTQ_ASCEND_CPU_W8A8": "1"}
+    got = {m: e2e.mode_env(m, args, shell) for m in ("online-int4", "online-int4-head8", "online-int4-a8",
+                                                     "online-int4-a8-head8")}
+    assert {m: (e.get("GPTQ_ASCEND_LM_HEAD"), e.get("GPTQ_ASCEND_CPU_W8A8")) for m, e in got.items()} == {
+        "online-int4": (None, None), "online-int4-head8": ("int8", None), "online-int4-a8": (None, "1"),
+        "online-int4-a8-head8": ("int8", "1")}
+    assert all("GPTQ_ASCEND_LM_HEAD_INT8" not in e and e["GPTQ_ASCEND_CPU_ISA"] == "avx2" for e in got.values())
+    assert e2e.mode_env("online-int4", args, {"GPTQ_ASCEND_LM_HEAD": "ours"})["GPTQ_ASCEND_LM_HEAD"] == "ours"
 
 
 @pytest.mark.parametrize("argv, message", [
