@@ -57,6 +57,9 @@ constexpr int kBlockN = 64;  // columns per N-block
 // it; they want x pair-major (GemmArgs::xp, BF16) or k-major (GemmArgs::xt, fp32). Below it the
 // direct kernels read x row-major (GemmArgs::xb / xf).
 constexpr int64_t kTiledMinM = 5;
+// The opt-in int8-activation mode covers <=4-bit layers on the AVX2 tier up to this M (from there on
+// the exact decode-once tiles are as fast; docs/cpu-kernel.md).
+constexpr int64_t kW4A8MaxM = 4;
 
 enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -131,6 +134,8 @@ BlockGemm fused_gemm;
 // The opt-in W8A8 kernel on AVX2 (the same GemmArgs::xq4 / xscale / xsum inputs and the same exact int32
 // sums as avx512::fused_gemm_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
 BlockGemm fused_gemm_w8a8;
+// The opt-in W4A8 kernel on AVX2 (vpmaddubsw; the same x inputs and int32 sums): bits <= 4, M <= kW4A8MaxM.
+BlockGemm fused_gemm_w4a8;
 BlockDequant dequant;
 }  // namespace avx2
 namespace generic {
