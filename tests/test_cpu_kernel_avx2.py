@@ -159,7 +159,7 @@ def test_avx2_every_nibble_exact(bits, m, avx2):
 def test_avx2_w8a8_opt_in(sym, act, avx2):
     """The opt-in int8-activation mode on AVX2 (vpmaddwd): the float64 emulation of the quantized x
     (the same quantization as the AVX-512 VNNI kernel) up to fp32 accumulation and output rounding, and
-    within 2% of the exact product; below M = 5 and for 4-bit layers the exact kernel runs."""
+    within 2% of the exact product; below M = 5 the exact kernel runs (4-bit layers: test_avx2_w4a8_opt_in)."""
     k, n = 256, 136
     t, spec, w = make_layer(k, n, 8, 64, sym, act, "gptq", seed=11)
     packed = BACKEND.repack(t, spec, k)
@@ -174,14 +174,7 @@ def test_avx2_w8a8_opt_in(sym, act, avx2):
                 continue
             assert rel_err(y, w8a8_emulated(x, w, t.g_idx.long())) <= REL_TOL[dt], f"{dt} M={m}"
             assert rel_err(y, exact) <= 2e-2, f"{dt} M={m}"
-    t4, spec4, w4 = make_layer(128, 64, 4, 32, False, False, "gptq")
-    p4 = BACKEND.repack(t4, spec4, 128)
-    x = x_for(16, 128, torch.float32)
-    assert rel_err(gemm_out(x, p4), x.double() @ w4) <= REL_TOL[torch.float32]
 
-
-
-W4A8_MAX_M = 4  # kW4A8MaxM in csrc/cpu/kernel.h
 
 
 @pytest.mark.parametrize("bits", (4, 3, 2))
@@ -189,21 +182,25 @@ W4A8_MAX_M = 4  # kW4A8MaxM in csrc/cpu/kernel.h
 @pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
 @pytest.mark.parametrize("gs", (64, -1))
 def test_avx2_w4a8_opt_in(bits, sym, act, gs, avx2):
-    """The opt-in int8-activation mode on <=4-bit layers (vpmaddubsw, M <= 4): the float64 emulation of
-    the quantized x up to fp32 accumulation and output rounding, within 2% of the exact product; from
-    M = 5 the exact kernels run, flag or not. K = 608 with one group spans several 128-pair chunks;
-    groups of 64 leave a short last group (a tail of the 8-pair int16 runs); N = 200 ends in a partial
-    vector. The fp32 / fp16 checks fail on the exact kernel (x rounding is ~6e-3)."""
+    """The opt-in int8-activation mode on <=4-bit layers (vpmaddubsw, every M of the fused path, row
+    tiles of <= 4 rows: M = 5 runs 3 + 2, 13 runs 4 + 3 + 3 + 3): the float64 emulation of the quantized
+    x up to fp32 accumulation and output rounding, within 2% of the exact product; above the fused
+    path's switch-over the exact large-M path runs, flag or not. K = 608 with one group spans several
+    128-pair chunks; groups of 64 leave a short last group (a tail of the 8-pair int16 runs); N = 200
+    ends in a partial vector. The fp32 / fp16 checks fail on the exact kernel (x rounding is ~6e-3)."""
     k, n = (608, 200) if bits == 3 else (601, 200)
     t, spec, w = make_layer(k, n, bits, gs, sym, act, "gptq", seed=bits * 4 + sym * 2 + act)
     packed = BACKEND.repack(t, spec, k)
     avx2("", w8a8=True)
     for dt in DTYPES:
-        for m in (1, 2, 3, 4, 5, 8):
+        large = small_m_max_f32() + 1 if dt == torch.float32 else None
+        for m in (1, 2, 3, 4, 5, 8, 13, large):
+            if m is None:
+                continue
             x = x_for(m, k, dt, seed=m + 20)
             y = gemm_out(x, packed).double()
             exact = x.double() @ w
-            if m > W4A8_MAX_M:
+            if m == large:
                 assert rel_err(y, exact) <= REL_TOL[dt], f"int{bits} {dt} M={m}"
                 continue
             assert rel_err(y, w8a8_emulated(x, w, t.g_idx.long())) <= REL_TOL[dt], f"int{bits} {dt} M={m}"

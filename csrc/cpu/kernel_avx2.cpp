@@ -526,7 +526,7 @@ struct I8W8A8 : PolicyBase {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Opt-in W4A8 (<=4-bit codes x int8 activations, M <= kW4A8MaxM; the same x quantization as W8A8:
+// Opt-in W4A8 (<=4-bit codes x int8 activations, every fused M; the same x quantization as W8A8:
 // GemmArgs::xq4 / xscale / xsum). vpmaddubsw multiplies unsigned bytes by signed bytes and adds
 // adjacent pairs into int16 with saturation, which nibble codes never reach: |q(k) xq(k) + q(k+1)
 // xq(k+1)| <= 2 * 15 * 127 = 3810, so 8 k-pairs are even summed in int16 (8 * 3810 = 30480 < 2^15)
