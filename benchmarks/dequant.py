@@ -263,18 +263,20 @@ class w8a8_mode:
 
     def __init__(self, on: bool):
         self.on = on
+        self.was = False
 
     def __enter__(self):
         if self.on:
-            from gptq_ascend.backends.cpu import kernel_config
+            from gptq_ascend.backends.cpu import kernel_config, kernel_settings
 
+            self.was = kernel_settings()["w8a8"] != "0"  # GPTQ_ASCEND_CPU_W8A8=1 stays on after the block
             kernel_config(w8a8=True)
 
     def __exit__(self, *exc):
         if self.on:
             from gptq_ascend.backends.cpu import kernel_config
 
-            kernel_config(w8a8=False)
+            kernel_config(w8a8=self.was)
 
 
 @dataclass
