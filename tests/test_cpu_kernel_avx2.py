@@ -281,6 +281,37 @@ def test_avx2_gptqmodel_fixtures(fixture, avx2):
             assert err <= REL_TOL[torch.bfloat16], f"{fixture.name}:{prefix} bf16 M={m}: {err:.2e}"
 
 
+
+@pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints "
+                    "(generate them with tools/make_fixtures.py)")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_avx2_w4a8_gptqmodel_fixtures(fixture, avx2):
+    """The opt-in W4A8 kernel on GPTQModel-written <=4-bit checkpoints: the int8-x emulation applied to
+    GPTQModel's own dequantized weight (its W is rounded to the scales' dtype: 1e-3 covers that), and
+    within 2% of x @ W."""
+    from safetensors.torch import load_file
+
+    from gptq_ascend.checkpoint import Checkpoint
+
+    config = fmt.GPTQConfig.load(fixture)
+    ckpt = Checkpoint.open(fixture)
+    layers = [p for p in ckpt.quantized_layers() if config.spec_for(p).bits <= 4]
+    if not layers:
+        pytest.skip(f"{fixture.name} has no <=4-bit layer")
+    expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+    avx2("", w8a8=True)
+    for prefix in layers:
+        t = ckpt.layer_tensors(prefix)
+        w_gm = expected[f"{prefix}.weight"].double()
+        k = w_gm.shape[0]
+        packed = BACKEND.repack(t, config.spec_for(prefix), k)
+        for m in (1, 3, 16):
+            x = x_for(m, k, torch.float32, seed=k + m)
+            y = gemm_out(x, packed).double()
+            err = rel_err(y, w8a8_emulated(x, w_gm, t.g_idx.long()))
+            assert err <= 1e-3, f"{fixture.name}:{prefix} M={m}: {err:.2e} from the int8-x emulation"
+            assert rel_err(y, x.double() @ w_gm) <= 2e-2, f"{fixture.name}:{prefix} M={m}"
+
 @pytest.mark.parametrize("bits", (8, 4, 3, 2))
 @pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
 def test_avx2_dequant_exact(bits, sym, avx2):
