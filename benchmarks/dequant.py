@@ -14,8 +14,9 @@ Per layer shape, bit width and M, in one run:
                ``ops.onednn_mm``: what vLLM really runs for a BF16 linear on CPU);
 * ``wna16``    (4-bit) vLLM's own GPTQ CPU kernel ``cpu_gemm_wna16`` on the same weights, repacked the
                way ``CPUWNA16LinearKernel._process_gptq_weights_w4a16`` does;
-* ``w8a8``     (8-bit, M >= 5) our op with the opt-in int8-activation mode (GPTQ_ASCEND_CPU_W8A8=1):
-               x rounded to int8 per row and group, AVX512-VNNI; not the default (changes numerics);
+* ``w8a8``     (8-bit, M >= 5; <=4-bit on the AVX2 tier, every M) our op with the opt-in int8-activation
+               mode (GPTQ_ASCEND_CPU_W8A8=1): x rounded to int8 per row and group, AVX512-VNNI / AVX2
+               vpmaddwd, vpmaddubsw for nibbles; not the default (changes numerics);
 * ``ref``      the pure-torch reference backend (``format.dequantize`` + matmul), for scale;
 * ``floor``    the memory floor: the time to stream-read as many bytes as the GPTQ layer holds (qweight +
                scales + qzeros; ``torch.sum`` over fp32 buffers in rotation), measured per point in the
@@ -250,23 +251,32 @@ def wna16_repack(t, spec):
 W8A8_MIN_M = 5  # the opt-in int8-activation kernel runs from this M (kTiledMinM in csrc/cpu/kernel.h)
 
 
+def _cpu_isa() -> str:
+    """The CPU kernel's tier (kernel_settings()["isa"])."""
+    from gptq_ascend.backends.cpu import kernel_settings
+
+    return kernel_settings()["isa"]
+
+
 class w8a8_mode:
     """Switch the CPU kernel's opt-in int8-activation mode on for a block (no-op when off; reusable)."""
 
     def __init__(self, on: bool):
         self.on = on
+        self.was = False
 
     def __enter__(self):
         if self.on:
-            from gptq_ascend.backends.cpu import kernel_config
+            from gptq_ascend.backends.cpu import kernel_config, kernel_settings
 
+            self.was = kernel_settings()["w8a8"] != "0"  # GPTQ_ASCEND_CPU_W8A8=1 stays on after the block
             kernel_config(w8a8=True)
 
     def __exit__(self, *exc):
         if self.on:
             from gptq_ascend.backends.cpu import kernel_config
 
-            kernel_config(w8a8=False)
+            kernel_config(w8a8=self.was)
 
 
 @dataclass
@@ -309,7 +319,9 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
     if not args.no_f32_linear:
         dense32 = [d["w"] for d in rotate({"w": w_kn.t().float().contiguous()}, k * n * 4)]
         methods["lin32"] = (len(dense32), lambda x: lambda i: F.linear(x.float(), dense32[i]))
-    w8a8 = dev.type == "cpu" and bits == 8 and backend.name == "cpu" and not args.no_w8a8
+    # 8-bit layers (AVX-512 VNNI or AVX2), and <=4-bit ones on the AVX2 tier (the W4A8 kernel)
+    w8a8 = (dev.type == "cpu" and backend.name == "cpu" and not args.no_w8a8
+            and (bits == 8 or _cpu_isa() == "avx2"))
     if w8a8:  # the opt-in int8-activation mode: same op, timed with the mode switched on
         methods["w8a8"] = methods["ours"]
     if dev.type == "cpu" and not args.no_vllm:
@@ -358,7 +370,7 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
         p = Point(label, k, n, bits, m, gptq_mib=nbytes / MIB, agreement=agree)
         timed = {}
         for name, (copies, make) in methods.items():
-            if name == "ref" or (name == "w8a8" and m < W8A8_MIN_M):
+            if name == "ref" or (name == "w8a8" and bits == 8 and m < W8A8_MIN_M):
                 continue
             timed[name] = (make(x), copies, w8a8_mode(name == "w8a8"))
         results = time_interleaved(timed, sync, args.repeats, args.budget)

@@ -159,7 +159,7 @@ def test_avx2_every_nibble_exact(bits, m, avx2):
 def test_avx2_w8a8_opt_in(sym, act, avx2):
     """The opt-in int8-activation mode on AVX2 (vpmaddwd): the float64 emulation of the quantized x
     (the same quantization as the AVX-512 VNNI kernel) up to fp32 accumulation and output rounding, and
-    within 2% of the exact product; below M = 5 and for 4-bit layers the exact kernel runs."""
+    within 2% of the exact product; below M = 5 the exact kernel runs (4-bit layers: test_avx2_w4a8_opt_in)."""
     k, n = 256, 136
     t, spec, w = make_layer(k, n, 8, 64, sym, act, "gptq", seed=11)
     packed = BACKEND.repack(t, spec, k)
@@ -174,10 +174,75 @@ def test_avx2_w8a8_opt_in(sym, act, avx2):
                 continue
             assert rel_err(y, w8a8_emulated(x, w, t.g_idx.long())) <= REL_TOL[dt], f"{dt} M={m}"
             assert rel_err(y, exact) <= 2e-2, f"{dt} M={m}"
-    t4, spec4, w4 = make_layer(128, 64, 4, 32, False, False, "gptq")
-    p4 = BACKEND.repack(t4, spec4, 128)
-    x = x_for(16, 128, torch.float32)
-    assert rel_err(gemm_out(x, p4), x.double() @ w4) <= REL_TOL[torch.float32]
+
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
+@pytest.mark.parametrize("gs", (64, -1))
+def test_avx2_w4a8_opt_in(bits, sym, act, gs, avx2):
+    """The opt-in int8-activation mode on <=4-bit layers (vpmaddubsw, every M of the fused path, row
+    tiles of <= 4 rows: M = 5 runs 3 + 2, 13 runs 4 + 3 + 3 + 3): the float64 emulation of the quantized
+    x up to fp32 accumulation and output rounding, within 2% of the exact product; above the fused
+    path's switch-over the exact large-M path runs, flag or not. K = 608 with one group spans several
+    128-pair chunks; groups of 64 leave a short last group (a tail of the 8-pair int16 runs); N = 200
+    ends in a partial vector. The fp32 / fp16 checks fail on the exact kernel (x rounding is ~6e-3)."""
+    k, n = (608, 200) if bits == 3 else (601, 200)
+    t, spec, w = make_layer(k, n, bits, gs, sym, act, "gptq", seed=bits * 4 + sym * 2 + act)
+    packed = BACKEND.repack(t, spec, k)
+    avx2("", w8a8=True)
+    for dt in DTYPES:
+        large = small_m_max_f32() + 1 if dt == torch.float32 else None
+        for m in (1, 2, 3, 4, 5, 8, 13, large):
+            if m is None:
+                continue
+            x = x_for(m, k, dt, seed=m + 20)
+            y = gemm_out(x, packed).double()
+            exact = x.double() @ w
+            if m == large:
+                assert rel_err(y, exact) <= REL_TOL[dt], f"int{bits} {dt} M={m}"
+                continue
+            assert rel_err(y, w8a8_emulated(x, w, t.g_idx.long())) <= REL_TOL[dt], f"int{bits} {dt} M={m}"
+            assert rel_err(y, exact) <= 2e-2, f"int{bits} {dt} M={m}"
+
+
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+def test_avx2_w4a8_int16_range(sym, avx2):
+    """Largest codes times the largest int8 activations, one group of 2048 rows: every int16 run of 8
+    k-pairs reaches 8 * 2 * 15 * 127 = 30480 (one more pair, or a saturating pair sum, breaks it), and
+    the group's int32 sum 2048 * 15 * 127 stays exact. x = +-1 quantizes exactly (xq = +-127), so the
+    result is the exact product up to fp32 rounding, element-wise."""
+    k, n = 2048, 128
+    q = torch.full((k, n), 15, dtype=torch.int64)
+    q[:, ::3] = torch.arange(k)[:, None].expand(k, n)[:, ::3] % 16  # some columns not constant
+    spec = fmt.QuantSpec(4, -1, sym, False, "gptq_v2")
+    z = torch.full((1, n), 8 if sym else 3, dtype=torch.int64)
+    s = torch.full((1, n), 0.5, dtype=torch.float16)
+    t = fmt.GPTQTensors(fmt.pack(q, 4, 0), fmt.pack_zeros(z, spec), s, torch.zeros(k, dtype=torch.int32))
+    packed = BACKEND.repack(t, spec, k)
+    w = (q - z).double() * 0.5
+    avx2("", w8a8=True)
+    for sign in (1.0, -1.0):
+        x = torch.full((1, k), sign)
+        x[0, 1::7] = -sign  # mixed signs within the pairs too
+        y = gemm_out(x, packed).double()
+        ref = x.double() @ w
+        assert torch.allclose(y, ref, rtol=1e-6, atol=1e-3), f"sign {sign}: max err {(y - ref).abs().max()}"
+
+
+def test_avx2_w4a8_default_off(avx2):
+    """Without the opt-in, <=4-bit M = 1 is the exact kernel (fp32: 5e-6, which int8 x cannot meet)."""
+    import os
+
+    if os.environ.get("GPTQ_ASCEND_CPU_W8A8"):
+        pytest.skip("GPTQ_ASCEND_CPU_W8A8 is set in this environment: the default is not observable")
+    assert "w8a8=0" in avx2(""), "int8 activations must be opt-in"
+    t, spec, w = make_layer(601, 200, 4, 64, False, True, "gptq", seed=5)
+    packed = BACKEND.repack(t, spec, 601)
+    for dt in DTYPES:
+        x = x_for(1, 601, dt, seed=3)
+        assert rel_err(gemm_out(x, packed), x.double() @ w) <= REL_TOL[dt], f"{dt}"
 
 
 FIXTURES = gptq_fixture_dirs()
@@ -215,6 +280,37 @@ def test_avx2_gptqmodel_fixtures(fixture, avx2):
             err = rel_err(gemm_out(xb, packed), xb.double() @ w_gm)
             assert err <= REL_TOL[torch.bfloat16], f"{fixture.name}:{prefix} bf16 M={m}: {err:.2e}"
 
+
+
+@pytest.mark.skipif(not FIXTURES, reason="tests/fixtures has no GPTQModel-written checkpoints "
+                    "(generate them with tools/make_fixtures.py)")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_avx2_w4a8_gptqmodel_fixtures(fixture, avx2):
+    """The opt-in W4A8 kernel on GPTQModel-written <=4-bit checkpoints: the int8-x emulation applied to
+    GPTQModel's own dequantized weight (its W is rounded to the scales' dtype: 1e-3 covers that), and
+    within 2% of x @ W."""
+    from safetensors.torch import load_file
+
+    from gptq_ascend.checkpoint import Checkpoint
+
+    config = fmt.GPTQConfig.load(fixture)
+    ckpt = Checkpoint.open(fixture)
+    layers = [p for p in ckpt.quantized_layers() if config.spec_for(p).bits <= 4]
+    if not layers:
+        pytest.skip(f"{fixture.name} has no <=4-bit layer")
+    expected = load_file(str(fixture / "expected" / "dequantized.safetensors"))
+    avx2("", w8a8=True)
+    for prefix in layers:
+        t = ckpt.layer_tensors(prefix)
+        w_gm = expected[f"{prefix}.weight"].double()
+        k = w_gm.shape[0]
+        packed = BACKEND.repack(t, config.spec_for(prefix), k)
+        for m in (1, 3, 16):
+            x = x_for(m, k, torch.float32, seed=k + m)
+            y = gemm_out(x, packed).double()
+            err = rel_err(y, w8a8_emulated(x, w_gm, t.g_idx.long()))
+            assert err <= 1e-3, f"{fixture.name}:{prefix} M={m}: {err:.2e} from the int8-x emulation"
+            assert rel_err(y, x.double() @ w_gm) <= 2e-2, f"{fixture.name}:{prefix} M={m}"
 
 @pytest.mark.parametrize("bits", (8, 4, 3, 2))
 @pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))

@@ -81,7 +81,7 @@ struct GemmArgs : PackedView {
   const uint16_t* xb = nullptr;  // [M][Kp] activations gathered as bf16 bits (bf16 dot path, M < kTiledMinM)
   const uint32_t* xp = nullptr;  // [Kp/2][M] bf16 (k, k+1) pairs, pair-major (bf16 dot path, M >= kTiledMinM)
   const float* xt = nullptr;     // [Kp][M] fp32, k-major (AVX-512 fp32 path, M >= kTiledMinM)
-  // Opt-in int8 activations (W8A8, 8-bit weights, AVX512-VNNI): x[m, k] ~= xscale[m, g] * xq, xq in
+  // Opt-in int8 activations (W8A8: 8-bit weights, AVX512-VNNI or AVX2; W4A8: <=4-bit, AVX2): x[m, k] ~= xscale[m, g] * xq, xq in
   // [-127, 127], one scale per row and group; xq4 holds k-quads, quad-major ([Kp/4][M] of 4 x int8),
   // and xsum then holds the per-group sums of xq (exact integers).
   const int32_t* xq4 = nullptr;
@@ -131,6 +131,9 @@ BlockGemm fused_gemm;
 // The opt-in W8A8 kernel on AVX2 (the same GemmArgs::xq4 / xscale / xsum inputs and the same exact int32
 // sums as avx512::fused_gemm_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
 BlockGemm fused_gemm_w8a8;
+// The opt-in W4A8 kernel on AVX2 (vpmaddubsw; the same x inputs and int32 sums): bits <= 4, every M of the
+// fused path (row tiles of <= 4 rows).
+BlockGemm fused_gemm_w4a8;
 BlockDequant dequant;
 }  // namespace avx2
 namespace generic {

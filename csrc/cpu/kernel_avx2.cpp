@@ -526,6 +526,102 @@ struct I8W8A8 : PolicyBase {
 };
 
 // ------------------------------------------------------------------------------------------------
+// Opt-in W4A8 (<=4-bit codes x int8 activations, every fused M; the same x quantization as W8A8:
+// GemmArgs::xq4 / xscale / xsum). vpmaddubsw multiplies unsigned bytes by signed bytes and adds
+// adjacent pairs into int16 with saturation, which nibble codes never reach: |q(k) xq(k) + q(k+1)
+// xq(k+1)| <= 2 * 15 * 127 = 3810, so 8 k-pairs are even summed in int16 (8 * 3810 = 30480 < 2^15)
+// before one widening to int32. The pair a vpmaddubsw wants is (q(k), q(k+1)) of ONE column in adjacent
+// bytes: per 32-byte half of a k-pair row, one load, vpsrlw 4 + two vpand 0x0f (k / k+1 nibbles, a
+// column per byte, kernel.h's byte order), vpunpcklbw / vpunpckhbw of the two (bytes 0..7 / 8..15 of
+// each 128-bit lane as (q(k), q(k+1)) words), then per row one vpmaddubsw against the broadcast word
+// (xq[k], xq[k+1]) and one vpaddw each. Per 128 weights and row 1: 2 loads, 1 broadcast, 2 vpsrlw,
+// 4 vpand, 4 vpunpck, 4 vpmaddubsw, 4 vpaddw = 21 uops (I4Bias128: 46), plus every 8 k-pairs the
+// widening (vpmovsxwd of the 128-bit halves) into the int32 accumulators, which stay in kernel.h's
+// byte order (lane j = byte j) so that group_end is I4F32's permutation. All sums are exact integers;
+// the group fold is I8W8A8's: y += s * xscale * (sum q xq - z sum xq). 2/3-bit codes use the same path.
+// llvm-mca 14, M = 1 loop with the widening, cycles per 128 weights (I4Bias128's): haswell 10.4 (16.0),
+// skylake 7.8 (15.9), znver2 7.8 (14.1), znver3 6.5 (18.1); Haswell is port-0 bound (vpmaddubsw, vpsrlw).
+// Measured (Sapphire Rapids class, forced to AVX2, 2026-12-01, one thread, CPU time, interleaved A/B,
+// exact / this): M = 1 from DRAM 1.26-1.30x (bf16 x), 1.73-1.79x (fp32 x); in cache M = 1..192
+// 1.11-1.88x, so it runs at every fused M. Row tiles of 6 rows: no gain at M = 16, 5-row tiles spill.
+// ------------------------------------------------------------------------------------------------
+struct I4W4A8 : PolicyBase {
+  using XType = uint16_t;  // (xq[k], xq[k+1]) as the low / high byte
+  using AccType = int32_t;
+  static constexpr int kKPerX = 2;
+  static constexpr int kPairBytes = kBlockN;
+  static constexpr int kSlots = 2;  // a slot = one 32-byte half of a k-pair row = 32 columns
+  static constexpr int kSrcSlotBytes = 32;
+  static constexpr int kSlotAcc = 32;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int kMaxMR = 4;
+  static constexpr int64_t kChunkPairs = 2 * kChunk;
+  static constexpr int kInt16Pairs = 8;  // k-pairs summed in int16 before widening (see above)
+  // One row: the whole block (4 int16 sums); more rows: one half per strip (2 MR int16 sums + MR x words).
+  template <int MR>
+  static constexpr int strip() { return MR == 1 ? 2 : 1; }
+
+  static ALWAYS_INLINE void widen_add(int32_t* ap, __m128i w16, int at) {
+    __m256i* p = reinterpret_cast<__m256i*>(ap + at);
+    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_cvtepi16_epi32(w16)));
+  }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const uint16_t* x, int64_t ldx, int32_t* acc,
+                                 const char* pf) {
+    const __m256i m_lo = _mm256_set1_epi8(0x0f);
+    for (int64_t p0 = 0; p0 < np; p0 += kInt16Pairs) {
+      const int64_t p1 = min64(np, p0 + kInt16Pairs);
+      __m256i S[MR][NS][2];
+      for (int r = 0; r < MR; ++r)
+        for (int s = 0; s < NS; ++s) S[r][s][0] = S[r][s][1] = _mm256_setzero_si256();
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* cp = c + p * kPairBytes;
+        if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+        for (int s = 0; s < NS; ++s) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * s));
+          const __m256i lo = _mm256_and_si256(raw, m_lo), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo);
+          const __m256i u0 = _mm256_unpacklo_epi8(lo, hi), u1 = _mm256_unpackhi_epi8(lo, hi);
+          for (int r = 0; r < MR; ++r) {
+            const __m256i xb = _mm256_set1_epi16(static_cast<short>(x[r * ldx + p]));
+            S[r][s][0] = _mm256_add_epi16(S[r][s][0], _mm256_maddubs_epi16(u0, xb));
+            S[r][s][1] = _mm256_add_epi16(S[r][s][1], _mm256_maddubs_epi16(u1, xb));
+          }
+        }
+      }
+      // Word i of lane L of the unpacklo sum is byte 16 L + i of the half, of the unpackhi sum byte
+      // 16 L + 8 + i: each 128-bit lane, sign-extended, is 8 consecutive bytes' int32 sums.
+      for (int r = 0; r < MR; ++r)
+        for (int s = 0; s < NS; ++s) {
+          int32_t* ap = acc + r * kAccW + 32 * s;
+          widen_add(ap, _mm256_castsi256_si128(S[r][s][0]), 0);
+          widen_add(ap, _mm256_castsi256_si128(S[r][s][1]), 8);
+          widen_add(ap, _mm256_extracti128_si256(S[r][s][0], 1), 16);
+          widen_add(ap, _mm256_extracti128_si256(S[r][s][1], 1), 24);
+        }
+    }
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const int32_t* acc, float* total) {
+    // Columns 8u..8u+3 / 8u+4..8u+7 are the 4 consecutive lanes at nib_byte(8u) / nib_byte(8u + 4) (I4F32).
+    const int64_t off = (b * a.G + g) * kBlockN;
+    for (int u = 0; u < kBlockN / 8; ++u) {
+      const __m256 s = scale8(a, off + 8 * u), z = zero8(a, off + 8 * u);
+      for (int64_t m = 0; m < a.M; ++m) {
+        const int32_t* p = acc + m * kAccW;
+        float* t = total + m * kBlockN + 8 * u;
+        const __m256 q = _mm256_cvtepi32_ps(
+            _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + nib_byte(8 * u + 4))),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + nib_byte(8 * u)))));
+        const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[m * a.G + g]), q);
+        const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(a.xscale[m * a.G + g]));
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(sx, d, _mm256_loadu_ps(t)));
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
 // Dequantization into [Kp][ldo] (the large-M path's tiles and the dequant op): w = (q - z) * s, the
 // integer difference exact in fp32 and one rounding in the multiply, as format.dequantize; then one
 // rounding to bf16 / fp16 where asked. Blocks are written whole (64 columns; the callers' buffers are
@@ -654,6 +750,20 @@ bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
   return run<I8W8A8>(a, b0, b1, w, P2);
 }
 
+bool fused_gemm_w4a8(const GemmArgs& a, int64_t b0, int64_t b1) {
+  if (a.bits == 8 || !a.xq4 || !a.xscale) return false;
+  // int8 quads [Kp/4][M] are, row by row, the (xq[k], xq[k+1]) words the tiles read: one row is the
+  // quads themselves; more rows are regrouped [M][Kp/2] (a quad = two words, copied whole).
+  if (a.M == 1) return run<I4W4A8>(a, b0, b1, a.xq4, a.Kp / 2);
+  const int64_t M = a.M, K4 = a.Kp / 4;
+  Aligned xw(static_cast<size_t>(M * K4) * sizeof(int32_t));
+  if (!xw.p) return false;
+  int32_t* w = static_cast<int32_t*>(xw.p);
+  for (int64_t k4 = 0; k4 < K4; ++k4)
+    for (int64_t m = 0; m < M; ++m) w[m * K4 + k4] = a.xq4[k4 * M + m];
+  return run<I4W4A8>(a, b0, b1, w, a.Kp / 2);
+}
+
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
   dequant_impl(a, b0, b1);
   return true;
@@ -666,6 +776,7 @@ bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {
 namespace gptq_cpu::avx2 {
 bool fused_gemm(const GemmArgs&, int64_t, int64_t) { return false; }
 bool fused_gemm_w8a8(const GemmArgs&, int64_t, int64_t) { return false; }
+bool fused_gemm_w4a8(const GemmArgs&, int64_t, int64_t) { return false; }
 bool dequant(const DequantArgs&, int64_t, int64_t) { return false; }
 }  // namespace gptq_cpu::avx2
 #endif

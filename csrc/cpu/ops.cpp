@@ -135,7 +135,10 @@ void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c
   a.M = M;
   bool quads = true;
   for (int64_t g = 0; g <= p.G && quads; ++g) quads = p.group_ptr.data_ptr<int32_t>()[g] % 4 == 0;
-  const bool w8a8 = cfg.w8a8 && cfg.w8a8_ok && p.bits == 8 && M >= kTiledMinM && quads;
+  // 8-bit layers from the tiled M on (AVX-512 VNNI or AVX2); <=4-bit layers on AVX2 at every fused M
+  // (the vpmaddubsw kernel measured 1.1-1.9x the exact one from M = 1 to the switch-over; cpu-kernel.md).
+  const bool w4a8 = p.bits != 8 && cfg.isa == Isa::Avx2;
+  const bool w8a8 = cfg.w8a8 && cfg.w8a8_ok && ((p.bits == 8 && M >= kTiledMinM) || w4a8) && quads;
   const bool tiled = cfg.isa == Isa::Avx512 && M >= kTiledMinM;
   const bool vbmi_direct = cfg.vbmi && dot && !tiled && p.bits == 8;
   const XLayout layout = w8a8 ? XLayout::Int8Quads
@@ -172,7 +175,9 @@ void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c
             : vbmi_direct ? avx512_vbmi::fused_gemm_i8_bf16(a, b0, b1)
                           : avx512::fused_gemm(a, b0, b1, dot);
         break;
-      case Isa::Avx2: r = w8a8 ? avx2::fused_gemm_w8a8(a, b0, b1) : avx2::fused_gemm(a, b0, b1); break;
+      case Isa::Avx2:
+        r = !w8a8 ? avx2::fused_gemm(a, b0, b1) : w4a8 ? avx2::fused_gemm_w4a8(a, b0, b1) : avx2::fused_gemm_w8a8(a, b0, b1);
+        break;
       default: r = generic::fused_gemm(a, b0, b1); break;
     }
     if (!r) ok = false;
