@@ -364,11 +364,13 @@ struct I4Bias128 : PolicyBase {
 // Cost per 128 weights: I4Bias128's 46 vector uops + 8 vpshufb = 54 (16 of them shuffles, against
 // I4F32's 56 with 16 vcvtdq2ps on the FMA ports, in two 32-column strips); GCC keeps the 8 accumulators
 // and both tables in registers (the 0x0f mask becomes a memory operand).
-// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01 20:31-20:33 UTC; one
-// thread, CPU time, M = 1, int4 group 128, medians of 11 interleaved rounds in one process, host load
-// 3.5-4.3 on 2 vCPUs), time of the other / time of this:
-// * fp32 x, against I4F32: in cache (K = 2048, N = 1024) 1.10x; from DRAM (3x L3 of rotated copies)
-//   gate_up 2048 x 12288 1.21x, down 6144 x 2048 1.16x. Kept for fp32 activations.
+// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01 20:31-20:40 UTC; one
+// thread, CPU time, M = 1, int4 group 128, medians of 11-21 interleaved rounds in one process, host
+// load 2-4.8 on 2 vCPUs), time of the other / time of this:
+// * fp32 x, against I4F32: in cache (K = 2048, N = 1024) 1.09-1.13x (5 runs; a sixth 0.74x, I4F32
+//   unusually fast in that process); from DRAM (3x L3 of rotated copies, 3 runs) gate_up 2048 x 12288
+//   1.12-1.21x, down 6144 x 2048 1.16-1.20x. benchmarks.dequant at one thread: 1.59-1.91x the floor
+//   (medians of 3 runs per shape) against 2.12-2.25x before. Kept for fp32 activations.
 // * bf16 x, against I4Bias128: 0.86x in cache, 0.87x / 0.91x from DRAM: the +128 trick's one fewer
 //   shuffle per 32 weights wins where its cancellation is invisible (bf16 / fp16 results), so
 //   I4Bias128 stays there (x reaches both as fp32, so fp16 x runs the same loop as bf16).
