@@ -369,8 +369,9 @@ struct I4Bias128 : PolicyBase {
 // load 2-4.8 on 2 vCPUs), time of the other / time of this:
 // * fp32 x, against I4F32: in cache (K = 2048, N = 1024) 1.09-1.13x (5 runs; a sixth 0.74x, I4F32
 //   unusually fast in that process); from DRAM (3x L3 of rotated copies, 3 runs) gate_up 2048 x 12288
-//   1.12-1.21x, down 6144 x 2048 1.16-1.20x. benchmarks.dequant at one thread: 1.59-1.91x the floor
-//   (medians of 3 runs per shape) against 2.12-2.25x before. Kept for fp32 activations.
+//   1.12-1.21x, down 6144 x 2048 1.16-1.20x. benchmarks.dequant (Qwen3-1.7B shapes, medians of 3
+//   alternated runs per shape): one thread 1.59-1.91x the floor against 2.12-2.25x before, two threads
+//   (quiet host) 1.57-1.81x against 1.65-1.91x. Kept for fp32 activations.
 // * bf16 x, against I4Bias128: 0.86x in cache, 0.87x / 0.91x from DRAM: the +128 trick's one fewer
 //   shuffle per 32 weights wins where its cancellation is invisible (bf16 / fp16 results), so
 //   I4Bias128 stays there (x reaches both as fp32, so fp16 x runs the same loop as bf16).
