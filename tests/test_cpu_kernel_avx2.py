@@ -145,7 +145,7 @@ def test_avx2_every_nibble_exact(bits, m, avx2):
     packed = BACKEND.repack(t, spec, k)
     assert "zeros" in packed.tensors
     rows = torch.randperm(k, generator=torch.Generator().manual_seed(m + bits))
-    # every dtype: at M = 1 bf16 / fp16 take the conversion-free +128 decode, fp32 the vcvtdq2ps one
+    # every dtype: at M = 1 bf16 / fp16 take the +128 decode (I4Bias128), fp32 the exact tables (I4Lut)
     for dt in DTYPES:
         for r0 in range(0, k, m):
             ks = rows[r0:r0 + m]
@@ -323,3 +323,58 @@ def test_avx2_dequant_exact(bits, sym, avx2):
     assert torch.equal(BACKEND.dequant(packed, torch.float32), w.float())
     for dt in (torch.bfloat16, torch.float16):
         assert torch.equal(BACKEND.dequant(packed, dt), w.float().to(dt)), dt
+
+
+def _nibble_layer(bits: int, sym: bool, k: int = 128, n: int = 128, seed: int = 0):
+    """One group of k rows, unit scales, every code in every column and both nibbles of a byte (even and
+    odd k), every byte position of two blocks; symmetric (z = 2^(bits-1)) or random per-column z."""
+    q = (torch.arange(k)[:, None] * 3 + torch.arange(n)[None, :]) % 2**bits
+    if sym:
+        spec = fmt.QuantSpec(bits, k, True, False, "gptq")
+        z = torch.full((1, n), 2 ** (bits - 1), dtype=torch.int64)
+    else:
+        spec = fmt.QuantSpec(bits, k, False, False, "gptq_v2")
+        z = torch.randint(0, 2**bits, (1, n), generator=torch.Generator().manual_seed(seed))
+    t = fmt.GPTQTensors(fmt.pack(q, bits, 0), fmt.pack_zeros(z, spec), torch.ones(1, n, dtype=torch.float16),
+                        torch.zeros(k, dtype=torch.int32))
+    return BACKEND.repack(t, spec, k), q, z[0]
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+def test_avx2_m1_fp32_two_hot_exact(bits, sym, avx2):
+    """M = 1, fp32 x (the exact table decode, I4Lut): x = 1 at row a and 2^-19 at row b of the same
+    group, so y = (q[a] - z) + 2^-19 (q[b] - z) exactly (<= 23 significant bits). A decode that adds a
+    constant c0 to the codes (I4Bias128's 128) sums c0 + q[a] + 2^-19 (c0 + q[b]) first, which needs
+    27 bits at c0 = 128 and rounds: the cancellation this tier's fp32 path must not have. Every row is
+    a once and b once (both k parities), every code in every column (N = 128: two blocks)."""
+    packed, q, z = _nibble_layer(bits, sym, seed=bits)
+    k = q.shape[0]
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(bits + 10 * sym))
+    tiny = 2.0**-19
+    for i in range(k):
+        a, b = int(perm[i]), int(perm[(i + 1) % k])
+        x = torch.zeros(1, k, dtype=torch.float32)
+        x[0, a], x[0, b] = 1.0, tiny
+        want = (q[a] - z).double() + tiny * (q[b] - z).double()
+        assert torch.equal(want.float().double(), want), "the expected value must be exact in fp32"
+        y = gemm_out(x, packed)[0].double()
+        bad = (y != want).nonzero().flatten()
+        assert bad.numel() == 0, (f"int{bits} rows a={a} b={b}: columns {bad[:8].tolist()} got "
+                                  f"{y[bad[:4]].tolist()} want {want[bad[:4]].tolist()}")
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
+def test_avx2_m1_fp32_accuracy(bits, sym, act, avx2):
+    """M = 1, fp32 x, long K (48 groups of 128): relative error against float64 at most 1e-6, 4x what
+    the exact table decode measures (2.1-2.4e-7) and above the fp32 conversion decode (I4F32, 2.7-3.6e-7),
+    where a +128 decode measures 4.7e-6 .. 2.4e-5 (kernel_avx2.cpp, I4Lut)."""
+    k, n = 6144, 200
+    t, spec, w = make_layer(k, n, bits, 128, sym, act, "gptq", seed=bits + 2 * sym + 4 * act)
+    packed = BACKEND.repack(t, spec, k)
+    for seed in range(3):
+        x = x_for(1, k, torch.float32, seed=seed)
+        err = rel_err(gemm_out(x, packed), x.double() @ w)
+        assert err <= 1e-6, f"int{bits} sym={sym} act={act} seed={seed}: relative error {err:.2e}"

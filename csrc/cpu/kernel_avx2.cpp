@@ -263,7 +263,7 @@ struct I4F32 : PolicyBase {
 // Exact as the AVX-512 BF16 path is: bf16 (8 bits) or fp16 (11 bits) x times 128 + c (8 bits) is an
 // exact fp32 product, accumulated in fp32. The +128 costs the fp32 sums ~5 bits of cancellation
 // (invisible in a bf16/fp16 result, 2^-19 against their 2^-9 / 2^-12 ulp), which is why fp32
-// activations keep I4F32 (the AVX-512 fp32 kernels refuse the +128 for the same reason).
+// activations take I4Lut (below; the AVX-512 fp32 kernels refuse the +128 for the same reason).
 // Why a whole-block strip and the k / k+1 FMAs on one accumulator: a k-pair is then 16 FMAs on 8
 // chains (2 dependent FMAs per chain, 8 cycles of latency against ~15 cycles of port throughput), the
 // chunk is read once (no L1 re-read by a second strip), the x broadcasts and loop overhead are shared
@@ -346,6 +346,107 @@ struct I4Bias128 : PolicyBase {
   }
 };
 
+// ------------------------------------------------------------------------------------------------
+// <=4-bit codes, M = 1, exact table decode (no +128): I4Bias128's loop with the 0x43 constant byte
+// replaced by two vpshufb lookups of the nibble bytes. Every v = c + kCb for c in 0..15 and
+// kCb in [-8, 8] is an integer of at most 5 significant bits, so float(v) is exactly a bf16 number:
+// its fp32 bits are (word << 16) with a word that is a function of c alone. Table L holds the words'
+// low bytes, table H their high bytes; vpunpck{l,h}bw(L[nb], H[nb]) are the same words in the same
+// lanes as I4Bias128's vpunpck(nb, 0x43), and the same vpslld 16 / vpand 0xffff0000 make each a whole
+// fp32. No vcvtdq2ps, and the weights reach the FMA as exact fp32 v: an FMA of fp32 x by v into fp32
+// sums, as I4F32's, with one rounding per FMA and no large constant for the group epilogue to cancel.
+// kCb = -2^(bits-1): v is the code centred on the symmetric zero point, so the sums are of x * (q - z)
+// for symmetric checkpoints (the zero term (z + kCb) X[m, g] is exactly 0) and |v| <= 8 otherwise,
+// i.e. SMALLER terms than I4F32's x * q (rms 4.6 against 8.8 for uniform 4-bit codes): no cancellation
+// where I4F32 loses ~1 bit to z X and I4Bias128 ~5. Relative error against float64 (M = 1, fp32 x,
+// K = 6144, N = 512, group 128, mean of 8 x; int4 / int3 / int2 sym): this 2.4 / 2.3 / 2.1e-7, I4F32
+// 3.6 / 3.3 / 2.7e-7, I4Bias128 6.8e-6 / 1.3e-5 / 2.4e-5 (asym alike).
+// Cost per 128 weights: I4Bias128's 46 vector uops + 8 vpshufb = 54 (16 of them shuffles, against
+// I4F32's 56 with 16 vcvtdq2ps on the FMA ports, in two 32-column strips); GCC keeps the 8 accumulators
+// and both tables in registers (the 0x0f mask becomes a memory operand).
+// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-01 20:31-20:40 UTC; one
+// thread, CPU time, M = 1, int4 group 128, medians of 11-21 interleaved rounds in one process, host
+// load 2-4.8 on 2 vCPUs), time of the other / time of this:
+// * fp32 x, against I4F32: in cache (K = 2048, N = 1024) 1.09-1.13x (5 runs; a sixth 0.74x, I4F32
+//   unusually fast in that process); from DRAM (3x L3 of rotated copies, 3 runs) gate_up 2048 x 12288
+//   1.12-1.21x, down 6144 x 2048 1.16-1.20x. benchmarks.dequant (Qwen3-1.7B shapes, medians of 3
+//   alternated runs per shape): one thread 1.59-1.91x the floor against 2.12-2.25x before, two threads
+//   (quiet host) 1.57-1.81x against 1.65-1.91x. Kept for fp32 activations.
+// * bf16 x, against I4Bias128: 0.86x in cache, 0.87x / 0.91x from DRAM: the +128 trick's one fewer
+//   shuffle per 32 weights wins where its cancellation is invisible (bf16 / fp16 results), so
+//   I4Bias128 stays there (x reaches both as fp32, so fp16 x runs the same loop as bf16).
+// * Dropped: one table (v = c + 8: every v in 8..23 has the high byte 0x41, so H is the constant and
+//   one vpshufb per 32 weights goes): 1.16x / 1.24x / 1.24x against I4F32 (3-7% faster than the two
+//   tables), but its +8 costs 2.3x (int4) to 8x (int2) I4F32's error (8.1e-7 / 1.1e-6 / 1.7e-6 above).
+constexpr uint32_t f32_bits_of_int(int v) {  // v an integer with |v| < 2^24
+  if (v == 0) return 0;
+  const uint32_t s = v < 0 ? 0x80000000u : 0u;
+  const uint32_t m = static_cast<uint32_t>(v < 0 ? -v : v);
+  const int e = 31 - __builtin_clz(m);
+  return s | (static_cast<uint32_t>(127 + e) << 23) | ((m << (23 - e)) & 0x7fffffu);
+}
+
+struct LutBytes {
+  alignas(16) uint8_t lo[16], hi[16];
+  bool exact = true;
+};
+
+constexpr LutBytes lut_bytes(int cb) {
+  LutBytes t{};
+  for (int c = 0; c < 16; ++c) {
+    const uint32_t b = f32_bits_of_int(c + cb);
+    t.exact = t.exact && (b & 0xffffu) == 0;
+    t.lo[c] = static_cast<uint8_t>(b >> 16);
+    t.hi[c] = static_cast<uint8_t>(b >> 24);
+  }
+  return t;
+}
+
+template <int kCbInt>
+struct I4Lut : I4Bias128 {
+  static constexpr float kCb = static_cast<float>(kCbInt);
+  static constexpr LutBytes kTab = lut_bytes(kCbInt);
+  static_assert(kTab.exact, "every v = c + cb must be a bf16 number");
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t, float* acc, const char* pf) {
+    static_assert(MR == 1 && NS == kSlots, "one row, the whole block");
+    __m256 A[NS];
+    for (int s = 0; s < NS; ++s) A[s] = _mm256_loadu_ps(acc + 8 * s);
+    const __m256i m_lo = _mm256_set1_epi8(0x0f);
+    const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m256i t_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.lo)));
+    const __m256i t_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.hi)));
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+      for (int e = 0; e < 2; ++e) {
+        const __m256 xe = _mm256_broadcast_ss(x + 2 * p + e);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * h));
+          const __m256i nb = e ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo) : _mm256_and_si256(raw, m_lo);
+          const __m256i lb = _mm256_shuffle_epi8(t_lo, nb);
+          const __m256i hb = _mm256_shuffle_epi8(t_hi, nb);
+          const __m256i w0 = _mm256_unpacklo_epi8(lb, hb), w1 = _mm256_unpackhi_epi8(lb, hb);
+          const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
+                                _mm256_and_si256(w1, m_hw)};
+          for (int j = 0; j < 4; ++j) A[4 * h + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xe, A[4 * h + j]);
+        }
+      }
+    }
+    for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + 8 * s, A[s]);
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    fold_group(
+        a, b, g, total,
+        [&](int64_t m, int u) {
+          const float* p = acc + m * kAccW;
+          return _mm256_set_m128(quad(p, nib_byte(8 * u + 4)), quad(p, nib_byte(8 * u)));
+        },
+        kCb);
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // M >= kTiledMinM: decode once, multiply many times. With the direct tiles above every row tile
@@ -718,8 +819,13 @@ bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
   if (!a.xf) return false;
   const bool tiled = a.M >= (a.bits == 8 ? kTiledMinM8 : kTiledMinM4);
   if (a.bits == 8) return tiled ? run<TiledF32<I8F32>>(a, b0, b1, a.xf, a.Kp) : run<I8F32>(a, b0, b1, a.xf, a.Kp);
-  // See I4Bias128: bf16 / fp16 activations (out has x's dtype).
+  // M = 1: bf16 / fp16 activations (out has x's dtype) the +128 decode, fp32 the exact tables (I4Lut).
   if (a.M == 1 && a.out_type != OutType::F32) return run<I4Bias128>(a, b0, b1, a.xf, a.Kp);
+  if (a.M == 1) {
+    if (a.bits == 2) return run<I4Lut<-2>>(a, b0, b1, a.xf, a.Kp);
+    if (a.bits == 3) return run<I4Lut<-4>>(a, b0, b1, a.xf, a.Kp);
+    return run<I4Lut<-8>>(a, b0, b1, a.xf, a.Kp);
+  }
   // x with odd k divided by 16 (see I4F32), once per call.
   const int64_t n = a.M * a.Kp;
   Aligned xs(static_cast<size_t>(n) * sizeof(float));
