@@ -43,7 +43,8 @@
 // ---------------------------------------------------------------------------------------------------
 //   y[m, n] = sum_g s[g, n] * ( sum_{k in g} x[m, k] * (q[k, n] + cb)  -  (z[g, n] + cb) * X[m, g] )
 // with X[m, g] = sum_{k in g} x[m, k] computed once per call, and cb the constant the decode adds
-// (0 for 8-bit, 128 for the nibble paths). The inner loop is conversion + FMA/dot only; zero point
+// (0 for 8-bit and AVX2's I4F32; 128 for the +128 nibble paths; -2^(bits-1) for AVX2's fp32 table decode
+// I4Lut, which centres the codes: exact, and the zero-point term is 0 for symmetric layers). The inner loop is conversion + FMA/dot only; zero point
 // and scale cost one fnmadd + one fmadd per 16 outputs per group. Accumulation is fp32 throughout.
 // Pad rows have x = 0 so they contribute nothing whatever their code.
 #pragma once
