@@ -354,9 +354,12 @@ def vllm_worker(args: argparse.Namespace) -> dict:
                 k = getattr(m, "input_size_per_partition", getattr(m, "input_size", 0))
                 total += n * k * w.element_size()
             # The opt-in int8 lm_head keeps its packed copy on the quant method, beside the dense weight
-            # the tied embedding still reads.
-            packed = getattr(getattr(m, "quant_method", None), "_packed", None)
-            for t in getattr(packed, "tensors", {}).values():
+            # the tied embedding still reads; so does our dense GEMV its 16-bit copy of a float32 head.
+            qm = getattr(m, "quant_method", None)
+            extra = list(getattr(getattr(qm, "_packed", None), "tensors", {}).values())
+            if isinstance(getattr(qm, "w16", None), torch.Tensor):
+                extra.append(qm.w16)
+            for t in extra:
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     total += t.numel() * t.element_size()
