@@ -45,8 +45,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @pytest.fixture
 def avx2():
-    """The AVX2 tier for the test's duration; the start-up settings afterwards."""
-    desc = cpu_mod.kernel_config("avx2")
+    """The AVX2 tier for the test's duration, exact (int8 activations off even if GPTQ_ASCEND_CPU_W8A8 is
+    set in the environment: the opt-in tests switch them on themselves); the start-up settings after."""
+    desc = cpu_mod.kernel_config("avx2", w8a8=False)
     assert "isa=avx2" in desc, desc
     yield cpu_mod.kernel_config
     cpu_mod.kernel_config("reset")
@@ -209,10 +210,11 @@ def test_avx2_w4a8_opt_in(bits, sym, act, gs, avx2):
 
 @pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
 def test_avx2_w4a8_int16_range(sym, avx2):
-    """Largest codes times the largest int8 activations, one group of 2048 rows: every int16 run of 8
-    k-pairs reaches 8 * 2 * 15 * 127 = 30480 (one more pair, or a saturating pair sum, breaks it), and
-    the group's int32 sum 2048 * 15 * 127 stays exact. x = +-1 quantizes exactly (xq = +-127), so the
-    result is the exact product up to fp32 rounding, element-wise."""
+    """Largest codes times the largest int8 activations, one group of 2048 rows: with x of one sign every
+    int16 run of 8 k-pairs of a q = 15 column reaches 8 * 2 * 15 * 127 = 30480 (one more pair, or a
+    saturating pair sum, wraps it), and the group's int32 sum 2048 * 15 * 127 stays exact; a mixed-sign
+    x checks the signed sums. x = +-1 quantizes exactly (xq = +-127), so the result is the exact product
+    up to fp32 rounding, element-wise."""
     k, n = 2048, 128
     q = torch.full((k, n), 15, dtype=torch.int64)
     q[:, ::3] = torch.arange(k)[:, None].expand(k, n)[:, ::3] % 16  # some columns not constant
@@ -224,11 +226,32 @@ def test_avx2_w4a8_int16_range(sym, avx2):
     w = (q - z).double() * 0.5
     avx2("", w8a8=True)
     for sign in (1.0, -1.0):
-        x = torch.full((1, k), sign)
-        x[0, 1::7] = -sign  # mixed signs within the pairs too
-        y = gemm_out(x, packed).double()
-        ref = x.double() @ w
-        assert torch.allclose(y, ref, rtol=1e-6, atol=1e-3), f"sign {sign}: max err {(y - ref).abs().max()}"
+        for mixed in (False, True):
+            x = torch.full((1, k), sign)
+            if mixed:
+                x[0, 1::7] = -sign  # mixed signs within the pairs too
+            y = gemm_out(x, packed).double()
+            ref = x.double() @ w
+            assert torch.allclose(y, ref, rtol=1e-6, atol=1e-3), (
+                f"sign {sign} mixed {mixed}: max err {(y - ref).abs().max()}")
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_avx2_int8_activations_propagate_nan(bits, avx2):
+    """A NaN activation makes its row's outputs NaN under the opt-in int8 activations too (as the exact
+    kernels do), and leaves the other rows finite: the per-group quantization must not turn it into a
+    finite code."""
+    k, n = 256, 72
+    t, spec, w = make_layer(k, n, bits, 64, False, False, "gptq", seed=17)
+    packed = BACKEND.repack(t, spec, k)
+    avx2("", w8a8=True)
+    m = 5 if bits == 8 else 1  # the AVX2 W8A8 kernel runs from M = 5, W4A8 from M = 1
+    x = x_for(m, k, torch.float32, seed=2)
+    x[0, 100] = float("nan")
+    y = BACKEND.gemm(x, packed)  # not gemm_out: NaN is the expected value here
+    assert torch.isnan(y[0]).all(), "a NaN activation was quantized to a finite code"
+    if m > 1:
+        assert torch.isfinite(y[1:]).all()
 
 
 def test_avx2_w4a8_default_off(avx2):
@@ -237,7 +260,8 @@ def test_avx2_w4a8_default_off(avx2):
 
     if os.environ.get("GPTQ_ASCEND_CPU_W8A8"):
         pytest.skip("GPTQ_ASCEND_CPU_W8A8 is set in this environment: the default is not observable")
-    assert "w8a8=0" in avx2(""), "int8 activations must be opt-in"
+    cpu_mod.kernel_config("reset")  # the start-up settings (the fixture turned int8 activations off)
+    assert "w8a8=0" in avx2("avx2"), "int8 activations must be opt-in"
     t, spec, w = make_layer(601, 200, 4, 64, False, True, "gptq", seed=5)
     packed = BACKEND.repack(t, spec, 601)
     for dt in DTYPES:

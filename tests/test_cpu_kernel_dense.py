@@ -101,9 +101,10 @@ def test_dense_one_rounding_exact(tier, dt, wdt):
         assert torch.equal(y, ref.to(dt)), f"M={m}: not the exact sum rounded once"
 
 
-def test_dense_bias_strides_batch_dims(tier):
+@pytest.mark.parametrize("wdt", WDTYPES, ids=_wid)
+def test_dense_bias_strides_batch_dims(tier, wdt):
     gen = torch.Generator().manual_seed(3)
-    big = torch.randn(300, 200, generator=gen).to(torch.bfloat16)
+    big = torch.randn(300, 200, generator=gen).to(wdt)
     w = big[:257, 5:5 + 150]  # row stride 200 > K = 150: used in place
     assert w.stride() == (200, 1)
     bias = torch.randn(257, generator=gen).to(torch.bfloat16)
@@ -115,13 +116,20 @@ def test_dense_bias_strides_batch_dims(tier):
     check_close(y32, x.float(), w, bias.float())
 
 
-def test_dense_empty_m_and_nan_propagation(tier):
-    w = torch.randn(70, 40).to(torch.bfloat16)
+@pytest.mark.parametrize("wdt", WDTYPES, ids=_wid)
+def test_dense_empty_m_and_nan_propagation(tier, wdt):
+    w = torch.randn(70, 40).to(wdt)
     assert torch.ops.gptq_ascend.cpu_dense_gemm(torch.empty(0, 40), w).shape == (0, 70)
     x = torch.randn(3, 40)
     x[1, 17] = float("nan")
     y = torch.ops.gptq_ascend.cpu_dense_gemm(x.to(torch.bfloat16), w)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
+    # A NaN / inf weight poisons its output column only (the widening keeps them).
+    w2 = w.clone()
+    w2[5, 3], w2[9, 30] = float("nan"), float("inf")
+    y = torch.ops.gptq_ascend.cpu_dense_gemm(torch.ones(2, 40), w2)
+    assert torch.isnan(y[:, 5]).all() and torch.isposinf(y[:, 9]).all()
+    assert torch.isfinite(y[:, [c for c in range(70) if c not in (5, 9)]]).all()
 
 
 @pytest.mark.parametrize("wdt", WDTYPES, ids=_wid)

@@ -113,7 +113,7 @@ def _expected_vllm_path(layer: torch.nn.Module) -> str:
 
 @pytest.mark.parametrize("tier", [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS])
 @pytest.mark.parametrize("mode", ("auto", "ours"))
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=("bf16", "fp32"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=("bf16", "fp16", "fp32"))
 def test_lm_head_method_decision(tier, mode, dtype, caplog):
     """DenseLMHeadMethod on a real layer after vLLM's real dispatch: the choice follows the rules of
     lm_head.py from what vLLM chose and the tier, apply() computes with the chosen path, and the
@@ -130,11 +130,11 @@ def test_lm_head_method_decision(tier, mode, dtype, caplog):
         vpath = _expected_vllm_path(layer)
         assert compat.cpu_dense_gemm_path(layer) == vpath
         bf16_dot = tier == "avx512vbmi"  # the only one of these tiers with vdpbf16ps
-        if dtype != torch.bfloat16:
+        if dtype == torch.float32:  # randn values: neither BF16 nor FP16 numbers, so no 16-bit copy
             want = (False, None)
         elif mode == "ours" or vpath == "torch":
             want = (True, DENSE_MAX_M)
-        elif vpath == "onednn" and bf16_dot:
+        elif vpath == "onednn" and bf16_dot and dtype == torch.bfloat16:  # measured for BF16 only
             want = (True, DENSE_MAX_M_ONEDNN)
         else:
             want = (False, None)

@@ -4,8 +4,9 @@
 //
 //   cpu_dense_gemm(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor
 //     x [..., K] fp32 / bf16 / fp16; weight [N, K] bf16 or fp16 with unit stride along K (vLLM's lm_head
-//     weight, used in place: no copy, no repack; or lm_head.py's 16-bit copy of a float32 one); bias [N] or None. Returns [..., N] in x's dtype, computed as a
-//     correct dense GEMM does (exact products, fp32 sums, one rounding). Built for M <= ~16 rows (the
+//     weight, used in place: no copy, no repack; or lm_head.py's 16-bit copy of a float32 one); bias [N]
+//     or None. Returns [..., N] in x's dtype, computed as a correct dense GEMM does (dense_bf16.h: fp32
+//     sums, one rounding of the output). Built for M <= ~16 rows (the
 //     weight is streamed once per call, the rows are re-read from cache per row tile); correct for any M.
 //   cpu_dense_gemm.out(..., *, Tensor(a!) out) -> Tensor(a!)     out: contiguous, x's dtype, [..., N]
 //     The fake implementations are registered from Python (gptq_ascend/backends/cpu.py).

@@ -8,8 +8,8 @@
 //
 // The arithmetic is a correct dense GEMM's: each 16-bit weight becomes fp32 exactly (a shift for bf16,
 // F16C's vcvtph2ps for fp16: no rounding, subnormals included), bf16 x bf16 products are exact in fp32,
-// every other product is rounded once inside its FMA, the sums are fp32, the output is rounded once (bf16 round-to-nearest-even / fp16 / fp32). Only the
-// summation order differs from another GEMM's. The AVX512-BF16 path (vdpbf16ps, bf16 activations only)
+// every other product is rounded once inside its FMA, the sums are fp32, the output is rounded once
+// (bf16 round-to-nearest-even / fp16 / fp32). Only the summation order differs from another GEMM's. The AVX512-BF16 path (vdpbf16ps, bf16 activations only)
 // treats bf16 subnormal inputs as zero, as oneDNN's BF16 kernels on the same instruction do.
 //
 // Why row-major and no repack: the weight is vLLM's (a tied lm_head shares it with the embedding

@@ -60,14 +60,18 @@ inline float sum8(const float* v, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+// max |v|, NaN if any v is NaN (sticky: std::max would drop it, and a NaN activation would then be
+// quantized to -127 and give finite outputs where the exact kernels give NaN).
+inline float nan_max(float acc, float b) { return (b > acc || b != b) ? b : acc; }
+
 inline float absmax8(const float* v, int64_t n) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] = std::max(acc[j], std::fabs(v[i + j]));
-  for (int j = 0; i < n; ++i, ++j) acc[j] = std::max(acc[j], std::fabs(v[i]));
+    for (int j = 0; j < 8; ++j) acc[j] = nan_max(acc[j], std::fabs(v[i + j]));
+  for (int j = 0; i < n; ++i, ++j) acc[j] = nan_max(acc[j], std::fabs(v[i]));
   float m = 0.f;
-  for (float a : acc) m = std::max(m, a);
+  for (float a : acc) m = nan_max(m, a);
   return m;
 }
 

@@ -44,8 +44,9 @@
 //   y[m, n] = sum_g s[g, n] * ( sum_{k in g} x[m, k] * (q[k, n] + cb)  -  (z[g, n] + cb) * X[m, g] )
 // with X[m, g] = sum_{k in g} x[m, k] computed once per call, and cb the constant the decode adds
 // (0 for 8-bit and AVX2's I4F32; 128 for the +128 nibble paths; -2^(bits-1) for AVX2's fp32 table decode
-// I4Lut, which centres the codes: exact, and the zero-point term is 0 for symmetric layers). The inner loop is conversion + FMA/dot only; zero point
-// and scale cost one fnmadd + one fmadd per 16 outputs per group. Accumulation is fp32 throughout.
+// I4Lut, which centres the codes: exact, and the zero-point term is 0 for symmetric layers). The inner
+// loop is conversion + FMA/dot only; zero point and scale cost one fnmadd + one fmadd per 16 outputs per
+// group. Accumulation is fp32 throughout.
 // Pad rows have x = 0 so they contribute nothing whatever their code.
 #pragma once
 
@@ -82,9 +83,10 @@ struct GemmArgs : PackedView {
   const uint16_t* xb = nullptr;  // [M][Kp] activations gathered as bf16 bits (bf16 dot path, M < kTiledMinM)
   const uint32_t* xp = nullptr;  // [Kp/2][M] bf16 (k, k+1) pairs, pair-major (bf16 dot path, M >= kTiledMinM)
   const float* xt = nullptr;     // [Kp][M] fp32, k-major (AVX-512 fp32 path, M >= kTiledMinM)
-  // Opt-in int8 activations (W8A8: 8-bit weights, AVX512-VNNI or AVX2; W4A8: <=4-bit, AVX2): x[m, k] ~= xscale[m, g] * xq, xq in
-  // [-127, 127], one scale per row and group; xq4 holds k-quads, quad-major ([Kp/4][M] of 4 x int8),
-  // and xsum then holds the per-group sums of xq (exact integers).
+  // Opt-in int8 activations (W8A8: 8-bit weights, AVX512-VNNI or AVX2; W4A8: <=4-bit, AVX2):
+  // x[m, k] ~= xscale[m, g] * xq, xq in [-127, 127], one scale per row and group; xq4 holds k-quads,
+  // quad-major ([Kp/4][M] of 4 x int8), and xsum then holds the per-group sums of xq (exact integers).
+  // A group holding a NaN gets xscale NaN (its outputs are NaN, as the exact kernels' are).
   const int32_t* xq4 = nullptr;
   const float* xscale = nullptr;  // [M][G]
   const float* xsum = nullptr;   // [M][G] per-group sums of the gathered activations
@@ -132,8 +134,8 @@ BlockGemm fused_gemm;
 // The opt-in W8A8 kernel on AVX2 (the same GemmArgs::xq4 / xscale / xsum inputs and the same exact int32
 // sums as avx512::fused_gemm_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
 BlockGemm fused_gemm_w8a8;
-// The opt-in W4A8 kernel on AVX2 (vpmaddubsw; the same x inputs and int32 sums): bits <= 4, every M of the
-// fused path (row tiles of <= 4 rows).
+// The opt-in W4A8 kernel on AVX2 (vpmaddubsw; the same x inputs and int32 sums): bits <= 4, group_ptr
+// multiples of 4, every M of the fused path (row tiles of <= 4 rows).
 BlockGemm fused_gemm_w4a8;
 BlockDequant dequant;
 }  // namespace avx2

@@ -643,8 +643,9 @@ struct I8W8A8 : PolicyBase {
 // llvm-mca 14, M = 1 loop with the widening, cycles per 128 weights (I4Bias128's): haswell 10.4 (16.0),
 // skylake 7.8 (15.9), znver2 7.8 (14.1), znver3 6.5 (18.1); Haswell is port-0 bound (vpmaddubsw, vpsrlw).
 // Measured (Sapphire Rapids class, forced to AVX2, 2026-12-01, one thread, CPU time, interleaved A/B,
-// exact / this): M = 1 from DRAM 1.26-1.30x (bf16 x), 1.73-1.79x (fp32 x); in cache M = 1..192
-// 1.11-1.88x, so it runs at every fused M. Row tiles of 6 rows: no gain at M = 16, 5-row tiles spill.
+// exact / this): M = 1 from DRAM 1.26-1.30x (bf16 x), 1.73-1.79x (fp32 x, against I4F32: the exact fp32
+// M = 1 kernel is now I4Lut, ~1.2x faster, so ~1.4x against it); in cache M = 1..192 1.11-1.88x, so it
+// runs at every fused M. Row tiles of 6 rows: no gain at M = 16, 5-row tiles spill.
 // ------------------------------------------------------------------------------------------------
 struct I4W4A8 : PolicyBase {
   using XType = uint16_t;  // (xq[k], xq[k+1]) as the low / high byte

@@ -136,7 +136,7 @@ void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c
   bool quads = true;
   for (int64_t g = 0; g <= p.G && quads; ++g) quads = p.group_ptr.data_ptr<int32_t>()[g] % 4 == 0;
   // 8-bit layers from the tiled M on (AVX-512 VNNI or AVX2); <=4-bit layers on AVX2 at every fused M
-  // (the vpmaddubsw kernel measured 1.1-1.9x the exact one from M = 1 to the switch-over; cpu-kernel.md).
+  // (the vpmaddubsw kernel measured 1.1-1.9x the exact one, before I4Lut, from M = 1 to the switch-over).
   const bool w4a8 = p.bits != 8 && cfg.isa == Isa::Avx2;
   const bool w8a8 = cfg.w8a8 && cfg.w8a8_ok && ((p.bits == 8 && M >= kTiledMinM) || w4a8) && quads;
   const bool tiled = cfg.isa == Isa::Avx512 && M >= kTiledMinM;
@@ -176,7 +176,9 @@ void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c
                           : avx512::fused_gemm(a, b0, b1, dot);
         break;
       case Isa::Avx2:
-        r = !w8a8 ? avx2::fused_gemm(a, b0, b1) : w4a8 ? avx2::fused_gemm_w4a8(a, b0, b1) : avx2::fused_gemm_w8a8(a, b0, b1);
+        r = !w8a8  ? avx2::fused_gemm(a, b0, b1)
+            : w4a8 ? avx2::fused_gemm_w4a8(a, b0, b1)
+                   : avx2::fused_gemm_w8a8(a, b0, b1);
         break;
       default: r = generic::fused_gemm(a, b0, b1); break;
     }

@@ -128,8 +128,10 @@ def advised_copy(t: torch.Tensor, advice: int) -> torch.Tensor:
     mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mm, dtype=torch.uint8)
     off = -whole.data_ptr() % _HUGE_PAGE
-    if nbytes >= _HUGE_PAGE:
-        mm.madvise(advice, off, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+    if advice == getattr(mmap, "MADV_NOHUGEPAGE", None):
+        mm.madvise(advice)  # the whole mapping: under THP "always" no part of it may become a huge page
+    elif nbytes >= _HUGE_PAGE:
+        mm.madvise(advice, off, nbytes // _HUGE_PAGE * _HUGE_PAGE)  # only whole huge pages: no partly used one
     out = whole[off:off + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out

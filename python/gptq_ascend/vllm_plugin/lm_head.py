@@ -1,20 +1,20 @@
-"""The dense lm_head on CPU: vLLM's own GEMM, our dense BF16 GEMV, or the opt-in int8 lm_head.
+"""The dense lm_head on CPU: vLLM's own GEMM, our dense BF16 / FP16 GEMV, or the opt-in int8 lm_head.
 
 GPTQ checkpoints leave the lm_head dense (Qwen3-1.7B ties it to its 151936 x 2048 embedding: 0.62 GB of
 BF16, about a third of the bytes a decoded token reads). ``GPTQ_ASCEND_LM_HEAD`` picks how it runs:
 
-* ``auto`` (default), for BF16 (and FP16) weights: our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp)
-  for M <= ``DENSE_MAX_M`` rows where vLLM's own dense path is the ``torch.nn.functional.linear``
-  fallback (AVX2-only CPUs, where oneDNN cannot create its matmul primitive and torch's BF16 GEMM has no
-  native dot product: ours measured 2.1-3.5x faster at M = 1-8), and for M <= ``DENSE_MAX_M_ONEDNN``
-  where vLLM's path is oneDNN and the kernel tier has AVX512-BF16 (ours measured 1.7-2.6x faster at
-  M = 1 and 4, about even at M = 8; docs/notes/issue-11-lm-head.md); vLLM's path otherwise. The
-  numerics are the checkpoint's either way (exact products, fp32 sums, one rounding; only the summation
-  order differs). With float32 activations vLLM builds the lm_head in float32 (twice the checkpoint's
-  bytes, 1.24 GB for Qwen3-1.7B, read by every token); when every value of it is exactly a BF16 number
-  (a BF16 checkpoint widened) or else exactly an FP16 number (an FP16 checkpoint widened), our GEMV gets
-  a 16-bit copy instead: the same weights, half the bytes per token (the float32 tensor stays for the
-  embedding lookup and vLLM's path at larger M). The copy is made only once ours is chosen.
+* ``auto`` (default): our dense GEMV (``cpu_dense_gemm``, csrc/cpu/dense_bf16.cpp; BF16 or FP16 weights)
+  for M <= ``DENSE_MAX_M`` rows where vLLM's own dense path is the ``torch.nn.functional.linear`` fallback
+  (AVX2-only CPUs, where oneDNN cannot create its matmul primitive and torch's BF16 GEMM has no native dot
+  product: ours measured 2.1-3.5x faster at M = 1-8), and for M <= ``DENSE_MAX_M_ONEDNN`` where vLLM's
+  path is oneDNN, the weight BF16 and the kernel tier has AVX512-BF16 (ours measured 1.7-2.6x faster at M
+  = 1 and 4, about even at M = 8; docs/notes/issue-11-lm-head.md); vLLM's path otherwise. The numerics are
+  the checkpoint's either way (a correct GEMM's: fp32 sums, one rounding of the output, dense_bf16.h; only
+  the summation order differs). With float32 activations vLLM builds the lm_head in float32 (twice the
+  checkpoint's bytes, 1.24 GB for Qwen3-1.7B, read by every token); when every value of it is exactly a
+  BF16 number (a BF16 checkpoint widened) or else exactly an FP16 number (an FP16 checkpoint widened), our
+  GEMV gets a 16-bit copy instead: the same weights, half the bytes per token (the float32 tensor stays
+  for the embedding lookup and vLLM's path at larger M). The copy is made only once ours is chosen.
 * ``ours``: our GEMV whenever the weight is BF16 / FP16 (or float32 holding only such values; M <=
   DENSE_MAX_M), whatever vLLM would use (for tests and A/Bs on machines where oneDNN works).
 * ``vllm``: vLLM's method untouched.
@@ -148,14 +148,16 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
         return self._backend.gemm(x, self._packed, bias)
 
 
-def _kernel_name(settings: dict, f16: bool) -> str:
-    """The instructions our GEMV runs on this tier (for the load-time log line)."""
+def _kernel_name(settings: dict, weight: torch.dtype, read: torch.dtype) -> str:
+    """The instructions our GEMV runs on this tier (for the load-time log line): ``weight`` is the dtype
+    vLLM holds the head in (also the activations' dtype), ``read`` the one our GEMV reads (its copy's)."""
     isa = settings["isa"]
     if not (isa == "avx2" or isa.startswith("avx512")):
         return "portable"
-    if f16:
+    if read == torch.float16:
         return "F16C + fp32 FMA"
-    return "vdpbf16ps" if isa.startswith("avx512") and settings.get("bf16_dot") == "1" else "fp32 FMA"
+    dot = isa.startswith("avx512") and settings.get("bf16_dot") == "1" and weight == torch.bfloat16
+    return "vdpbf16ps" if dot else "fp32 FMA"  # vdpbf16ps needs bf16 activations, not a widened head's fp32
 
 
 class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
@@ -207,7 +209,7 @@ class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
         shape = " x ".join(map(str, w.shape))
         if self.ours:
             s = kernel_settings()
-            kernel = _kernel_name(s, (w.dtype if self.w16 is None else self.w16.dtype) == torch.float16)
+            kernel = _kernel_name(s, w.dtype, w.dtype if self.w16 is None else self.w16.dtype)
             logger.info("gptq_ascend: lm_head %s (%s): our dense GEMV (cpu_dense_gemm, tier %s, %s) for M <= %d, "
                         "vLLM's %s above: %s", shape, w.dtype, s["isa"], kernel, self.max_m, vpath, reason)
         else:
