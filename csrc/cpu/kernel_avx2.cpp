@@ -285,8 +285,11 @@ struct I4F32 : PolicyBase {
 // 18.3, icelake-server 15.7 / 19.8, znver2 14.1 / 16.9, znver3 18.1 / 20.8 (docs/notes/issue-11-avx2.md,
 // session 6).
 // ------------------------------------------------------------------------------------------------
-struct I4Bias128 : PolicyBase {
-  static constexpr float kCb = 128.f;
+// The loop I4Bias128 and I4Lut share; Words makes the 16-bit words (the high halves of fp32 c + kCb) of a
+// vector of nibble bytes: against the byte 0x43 here, by two table lookups in I4Lut.
+template <class Words>
+struct I4Words : PolicyBase {
+  static constexpr float kCb = Words::kCb;
   static constexpr int kPairBytes = kBlockN;
   static constexpr int kSlots = 8;  // 8 columns per slot, one strip of all 8
   static constexpr int kSrcSlotBytes = 8;
@@ -303,8 +306,9 @@ struct I4Bias128 : PolicyBase {
     static_assert(MR == 1 && NS == kSlots, "one row, the whole block");
     __m256 A[NS];
     for (int s = 0; s < NS; ++s) A[s] = _mm256_loadu_ps(acc + 8 * s);
-    const __m256i m_lo = _mm256_set1_epi8(0x0f), c43 = _mm256_set1_epi8(0x43);
+    const __m256i m_lo = _mm256_set1_epi8(0x0f);
     const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const Words words;
     for (int64_t p = 0; p < np; ++p) {
       const uint8_t* cp = c + p * kPairBytes;
       if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
@@ -315,7 +319,8 @@ struct I4Bias128 : PolicyBase {
         for (int h = 0; h < 2; ++h) {
           const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * h));
           const __m256i nb = e ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo) : _mm256_and_si256(raw, m_lo);
-          const __m256i w0 = _mm256_unpacklo_epi8(nb, c43), w1 = _mm256_unpackhi_epi8(nb, c43);
+          __m256i w0, w1;
+          words(nb, w0, w1);
           // slot 4h: even bytes 0..6 of each lane, 4h+1: odd bytes 1..7, 4h+2 / 4h+3: bytes 8..15
           const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
                                 _mm256_and_si256(w1, m_hw)};
@@ -345,6 +350,19 @@ struct I4Bias128 : PolicyBase {
         kCb);
   }
 };
+
+// Unpacking the nibble bytes against 0x43 gives the words 0x43cc: the bf16 of 128 + c.
+struct Bias128Words {
+  static constexpr float kCb = 128.f;
+  const __m256i c43;
+  // Explicit constructors: an implicit one would not get this unit's target pragma (AVX2 intrinsics).
+  ALWAYS_INLINE Bias128Words() : c43(_mm256_set1_epi8(0x43)) {}
+  ALWAYS_INLINE void operator()(__m256i nb, __m256i& w0, __m256i& w1) const {
+    w0 = _mm256_unpacklo_epi8(nb, c43);
+    w1 = _mm256_unpackhi_epi8(nb, c43);
+  }
+};
+using I4Bias128 = I4Words<Bias128Words>;
 
 // ------------------------------------------------------------------------------------------------
 // <=4-bit codes, M = 1, exact table decode (no +128): I4Bias128's loop with the 0x43 constant byte
@@ -403,50 +421,22 @@ constexpr LutBytes lut_bytes(int cb) {
 }
 
 template <int kCbInt>
-struct I4Lut : I4Bias128 {
+struct LutWords {
   static constexpr float kCb = static_cast<float>(kCbInt);
   static constexpr LutBytes kTab = lut_bytes(kCbInt);
   static_assert(kTab.exact, "every v = c + cb must be a bf16 number");
-
-  template <int MR, int NS>
-  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t, float* acc, const char* pf) {
-    static_assert(MR == 1 && NS == kSlots, "one row, the whole block");
-    __m256 A[NS];
-    for (int s = 0; s < NS; ++s) A[s] = _mm256_loadu_ps(acc + 8 * s);
-    const __m256i m_lo = _mm256_set1_epi8(0x0f);
-    const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-    const __m256i t_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.lo)));
-    const __m256i t_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.hi)));
-    for (int64_t p = 0; p < np; ++p) {
-      const uint8_t* cp = c + p * kPairBytes;
-      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
-      for (int e = 0; e < 2; ++e) {
-        const __m256 xe = _mm256_broadcast_ss(x + 2 * p + e);
-        for (int h = 0; h < 2; ++h) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp + 32 * h));
-          const __m256i nb = e ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo) : _mm256_and_si256(raw, m_lo);
-          const __m256i lb = _mm256_shuffle_epi8(t_lo, nb);
-          const __m256i hb = _mm256_shuffle_epi8(t_hi, nb);
-          const __m256i w0 = _mm256_unpacklo_epi8(lb, hb), w1 = _mm256_unpackhi_epi8(lb, hb);
-          const __m256i d[4] = {_mm256_slli_epi32(w0, 16), _mm256_and_si256(w0, m_hw), _mm256_slli_epi32(w1, 16),
-                                _mm256_and_si256(w1, m_hw)};
-          for (int j = 0; j < 4; ++j) A[4 * h + j] = _mm256_fmadd_ps(_mm256_castsi256_ps(d[j]), xe, A[4 * h + j]);
-        }
-      }
-    }
-    for (int s = 0; s < NS; ++s) _mm256_storeu_ps(acc + 8 * s, A[s]);
-  }
-
-  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
-    fold_group(
-        a, b, g, total,
-        [&](int64_t m, int u) {
-          const float* p = acc + m * kAccW;
-          return _mm256_set_m128(quad(p, nib_byte(8 * u + 4)), quad(p, nib_byte(8 * u)));
-        },
-        kCb);
+  const __m256i lo, hi;
+  ALWAYS_INLINE LutWords()
+      : lo(_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.lo)))),
+        hi(_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.hi)))) {}
+  ALWAYS_INLINE void operator()(__m256i nb, __m256i& w0, __m256i& w1) const {
+    const __m256i lb = _mm256_shuffle_epi8(lo, nb), hb = _mm256_shuffle_epi8(hi, nb);
+    w0 = _mm256_unpacklo_epi8(lb, hb);
+    w1 = _mm256_unpackhi_epi8(lb, hb);
   }
 };
+template <int kCbInt>
+using I4Lut = I4Words<LutWords<kCbInt>>;
 
 // ------------------------------------------------------------------------------------------------
 // M >= kTiledMinM: decode once, multiply many times. With the direct tiles above every row tile
