@@ -34,6 +34,17 @@ from gptq_ascend.vllm_plugin.lm_head import (  # noqa: E402
 from .test_cpu_kernel import ISAS  # noqa: E402
 
 cpu_mod = pytest.importorskip("gptq_ascend.backends.cpu")
+_DENSE_OK, _DENSE_WHY = cpu_mod.dense_gemm_available()
+needs_dense = pytest.mark.skipif(not _DENSE_OK, reason=str(_DENSE_WHY))
+TIERS = [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS]  # the SIMD tiers this CPU can select
+
+
+@pytest.fixture
+def on_tier(tier):
+    """The kernel tier ``tier`` (the test's parameter) for the test's duration; the start-up settings after."""
+    cpu_mod.kernel_config(tier)
+    yield tier
+    cpu_mod.kernel_config("reset")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,95 +122,81 @@ def _expected_vllm_path(layer: torch.nn.Module) -> str:
     return "onednn" if _onednn_builds(layer.weight) else "torch"
 
 
-@pytest.mark.parametrize("tier", [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS])
+@needs_dense
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("mode", ("auto", "ours"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=("bf16", "fp16", "fp32"))
-def test_lm_head_method_decision(tier, mode, dtype, caplog):
+def test_lm_head_method_decision(on_tier, tier, mode, dtype, caplog):
     """DenseLMHeadMethod on a real layer after vLLM's real dispatch: the choice follows the rules of
     lm_head.py from what vLLM chose and the tier, apply() computes with the chosen path, and the
     choice is logged."""
-    ok, why = cpu_mod.dense_gemm_available()
-    if not ok:
-        pytest.skip(why)
-    cpu_mod.kernel_config(tier)
-    try:
-        layer = _layer(1024, 1024, dtype)
-        qm = DenseLMHeadMethod(mode)
-        with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
-            qm.process_weights_after_loading(layer)
-        vpath = _expected_vllm_path(layer)
-        assert compat.cpu_dense_gemm_path(layer) == vpath
-        bf16_dot = tier == "avx512vbmi"  # the only one of these tiers with vdpbf16ps
-        if dtype == torch.float32:  # randn values: neither BF16 nor FP16 numbers, so no 16-bit copy
-            want = (False, None)
-        elif mode == "ours" or vpath == "torch":
-            want = (True, DENSE_MAX_M)
-        elif vpath == "onednn" and bf16_dot and dtype == torch.bfloat16:  # measured for BF16 only
-            want = (True, DENSE_MAX_M_ONEDNN)
+    layer = _layer(1024, 1024, dtype)
+    qm = DenseLMHeadMethod(mode)
+    with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
+        qm.process_weights_after_loading(layer)
+    vpath = _expected_vllm_path(layer)
+    assert compat.cpu_dense_gemm_path(layer) == vpath
+    bf16_dot = tier == "avx512vbmi"  # the only one of these tiers with vdpbf16ps
+    if dtype == torch.float32:  # randn values: neither BF16 nor FP16 numbers, so no 16-bit copy
+        want = (False, None)
+    elif mode == "ours" or vpath == "torch":
+        want = (True, DENSE_MAX_M)
+    elif vpath == "onednn" and bf16_dot and dtype == torch.bfloat16:  # measured for BF16 only
+        want = (True, DENSE_MAX_M_ONEDNN)
+    else:
+        want = (False, None)
+    assert (qm.ours, qm.max_m if qm.ours else None) == want
+    assert any("gptq_ascend: lm_head 1024 x 1024" in r.getMessage() for r in caplog.records)
+    gen = torch.Generator().manual_seed(4)
+    for m in (1, DENSE_MAX_M_ONEDNN, DENSE_MAX_M_ONEDNN + 1, DENSE_MAX_M + 1):
+        x = torch.randn(m, 1024, generator=gen).to(dtype)
+        y = qm.apply(layer, x)
+        if qm.ours and m <= qm.max_m:
+            assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight, None))
         else:
-            want = (False, None)
-        assert (qm.ours, qm.max_m if qm.ours else None) == want
-        assert any("gptq_ascend: lm_head 1024 x 1024" in r.getMessage() for r in caplog.records)
-        gen = torch.Generator().manual_seed(4)
-        for m in (1, DENSE_MAX_M_ONEDNN, DENSE_MAX_M_ONEDNN + 1, DENSE_MAX_M + 1):
-            x = torch.randn(m, 1024, generator=gen).to(dtype)
-            y = qm.apply(layer, x)
-            if qm.ours and m <= qm.max_m:
-                assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, layer.weight, None))
-            else:
-                assert torch.equal(y, layer.cpu_linear(x, layer.weight, None))
-    finally:
-        cpu_mod.kernel_config("reset")
+            assert torch.equal(y, layer.cpu_linear(x, layer.weight, None))
 
 
+@needs_dense
 @pytest.mark.parametrize("src", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
-@pytest.mark.parametrize("tier", [t for t in ("avx512vbmi", "avx512", "avx2") if t in ISAS])
-def test_fp32_weight_of_16bit_values_runs_a_16bit_copy(tier, src, caplog):
+@pytest.mark.parametrize("tier", TIERS)
+def test_fp32_weight_of_16bit_values_runs_a_16bit_copy(on_tier, src, caplog):
     """With float32 activations vLLM widens a BF16 or FP16 checkpoint's lm_head to float32. When every
     value is a BF16 (else an FP16) number, ours runs a copy in that format (the same weights, half the
     bytes): its result equals the op on that copy, matches float64 math on the float32 weight, and one
     value off both grids turns it off. The FP16 weights drawn here are not all BF16 numbers."""
-    ok, why = cpu_mod.dense_gemm_available()
-    if not ok:
-        pytest.skip(why)
-    cpu_mod.kernel_config(tier)
-    try:
-        layer = _layer(2048, 512, src)
-        w32 = layer.weight.data.float()
-        assert src == torch.bfloat16 or not torch.equal(w32.to(torch.bfloat16).float(), w32)
-        layer.weight = torch.nn.Parameter(w32, requires_grad=False)
-        qm = DenseLMHeadMethod("auto")
-        with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
-            qm.process_weights_after_loading(layer)
-        vpath = compat.cpu_dense_gemm_path(layer)
-        assert qm.ours and qm.max_m == (DENSE_MAX_M if vpath == "torch" else DENSE_MAX_M_ONEDNN), (vpath, qm.max_m)
-        assert qm.w16 is not None and qm.w16.dtype == src and torch.equal(qm.w16.float(), w32)
-        name = "BF16" if src == torch.bfloat16 else "FP16"
-        assert any(f"reads a {name} copy" in r.getMessage() for r in caplog.records)
-        gen = torch.Generator().manual_seed(5)
-        x = torch.randn(qm.max_m, 512, generator=gen)
-        y = qm.apply(layer, x)
-        assert y.dtype == torch.float32
-        assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, qm.w16, None))
-        ref = x.double() @ w32.double().t()
-        assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 2**-20
-        # One weight off both grids: no copy, vLLM's own path on the float32 weight.
-        w_off = w32.clone()
-        w_off[7, 3] = float(w_off[7, 3]) + 2.0 ** -20 * (1 + abs(float(w_off[7, 3])))
-        layer.weight = torch.nn.Parameter(w_off, requires_grad=False)
-        qm2 = DenseLMHeadMethod("auto")
-        qm2.process_weights_after_loading(layer)
-        assert qm2.w16 is None and not qm2.ours
-    finally:
-        cpu_mod.kernel_config("reset")
+    layer = _layer(2048, 512, src)
+    w32 = layer.weight.data.float()
+    assert src == torch.bfloat16 or not torch.equal(w32.to(torch.bfloat16).float(), w32)
+    layer.weight = torch.nn.Parameter(w32, requires_grad=False)
+    qm = DenseLMHeadMethod("auto")
+    with caplog.at_level("INFO", logger="vllm.gptq_ascend"):
+        qm.process_weights_after_loading(layer)
+    vpath = compat.cpu_dense_gemm_path(layer)
+    assert qm.ours and qm.max_m == (DENSE_MAX_M if vpath == "torch" else DENSE_MAX_M_ONEDNN), (vpath, qm.max_m)
+    assert qm.w16 is not None and qm.w16.dtype == src and torch.equal(qm.w16.float(), w32)
+    name = "BF16" if src == torch.bfloat16 else "FP16"
+    assert any(f"reads a {name} copy" in r.getMessage() for r in caplog.records)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(qm.max_m, 512, generator=gen)
+    y = qm.apply(layer, x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, torch.ops.gptq_ascend.cpu_dense_gemm(x, qm.w16, None))
+    ref = x.double() @ w32.double().t()
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 2**-20
+    # One weight off both grids: no copy, vLLM's own path on the float32 weight.
+    w_off = w32.clone()
+    w_off[7, 3] = float(w_off[7, 3]) + 2.0 ** -20 * (1 + abs(float(w_off[7, 3])))
+    layer.weight = torch.nn.Parameter(w_off, requires_grad=False)
+    qm2 = DenseLMHeadMethod("auto")
+    qm2.process_weights_after_loading(layer)
+    assert qm2.w16 is None and not qm2.ours
 
 
+@needs_dense
 def test_dense_gemm_matches_vllm_fallback_numerics():
     """Our op vs torch's F.linear (the fallback it replaces) at the lm_head's M range: both are
     correct GEMMs, so they agree to the rounding of the bf16 output."""
-    ok, why = cpu_mod.dense_gemm_available()
-    if not ok:
-        pytest.skip(why)
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(3000, 256, generator=gen).to(torch.bfloat16)
     for m in (1, 4, DENSE_MAX_M):
@@ -260,6 +257,7 @@ FIXTURE_FP16 = "llama-int8-g64-asym"  # an FP16 checkpoint with an untied lm_hea
 
 
 @pytest.mark.engine
+@needs_dense
 @pytest.mark.parametrize(("fixture_name", "dtype"), ((FIXTURE, "bfloat16"), (FIXTURE, "float32"),
                                                      (FIXTURE_FP16, "float32")),
                          ids=("bf16-bfloat16", "bf16-float32", "fp16-float32"))
@@ -271,9 +269,6 @@ def test_engine_ours_equals_vllm_dense_lm_head(monkeypatch, record_property, fix
 
     if fixture_name not in BY_NAME:
         pytest.skip(f"fixture {fixture_name} missing")
-    ok, why = cpu_mod.dense_gemm_available()
-    if not ok:
-        pytest.skip(why)
     import vllm.envs
 
     for k, v in ENV.items():
