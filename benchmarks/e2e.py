@@ -19,7 +19,11 @@ Modes, each in its own process (so peak RSS and start-up are that mode's alone),
                             cached): the converted checkpoint written as a BF16 GGUF bit for bit, then
                             llama.cpp's own llama-quantize to Q8_0 / Q4_0; timed with llama-bench
                             (batch 1, TTFT = its prompt-processing time) and llama-batched-bench (batch 8)
---peer adds the three llama modes; `make bench-e2e-peer` runs a 12-layer model with them.
+  llama-q8_0-head16, -q4_0-head16  the same with the embedding / output matrix kept in F16
+                            (llama-quantize --token-embedding-type / --output-tensor-type F16), as our
+                            exact lm_head keeps the checkpoint's: the like-for-like peer of online-int8 /
+                            -int4 (the plain llama files quantize it to Q8_0 / Q6_K, like our -head8)
+--peer adds the five llama modes; `make bench-e2e-peer` runs a 12-layer model with them.
 
 Per vLLM mode: start-up, weight memory (parameters and buffers, plus the weights vLLM's CPU path moved
 into oneDNN handles), peak RSS, time to first token for a 128-token prompt, and decode tokens/s at each
@@ -63,7 +67,12 @@ LM_HEAD_ENV, LM_HEAD_INT8_ENV = "GPTQ_ASCEND_LM_HEAD", "GPTQ_ASCEND_LM_HEAD_INT8
 # `-a8`: the opt-in int8-activation kernels (GPTQ_ASCEND_CPU_W8A8=1; docs/cpu-kernel.md states their
 # accuracy cost), the arithmetic of llama.cpp's Q8_0 / Q4_0 dot products. Only these modes get the switch.
 A8, W8A8_ENV = "-a8", "GPTQ_ASCEND_CPU_W8A8"
-LLAMA_MODES = {"llama-bf16": None, "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
+LLAMA_MODES = {"llama-bf16": None, "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0", "llama-q8_0-head16": "Q8_0",
+               "llama-q4_0-head16": "Q4_0"}
+# `-head16`: llama-quantize told to keep the (tied) embedding / output matrix in F16, as the checkpoint and
+# our default online modes keep it; the like-for-like column for our exact lm_head, where the plain Q8_0 /
+# Q4_0 files quantize it (Q8_0 / Q6_K) as our opt-in -head8 does.
+HEAD16, HEAD16_TYPE = "-head16", "F16"
 ALL_MODES = VLLM_MODES + tuple(LLAMA_MODES)
 DEFAULT_CPU_MODES = ("online-int8", "online-int4", "offline-bf16", "offline-fp32")
 PROMPT_LEN = 128
@@ -280,10 +289,11 @@ def prepare_gguf(dense: Path, modes: list[str], args: argparse.Namespace) -> dic
             if qtype is None:
                 out[m] = src
                 continue
-            dst = dense.parent / f"{dense.name}-{qtype.lower()}.gguf"
+            head = HEAD16_TYPE if m.endswith(HEAD16) else None
+            dst = dense.parent / f"{dense.name}-{qtype.lower()}{HEAD16 if head else ''}.gguf"
             if not dst.exists():
                 print(f"llama-quantize {qtype} -> {dst} ...", file=sys.stderr, flush=True)
-                lcpp.quantize(lc, src, dst, qtype)
+                lcpp.quantize(lc, src, dst, qtype, head_type=head)
             out[m] = dst
         return out
     except lcpp.LlamaCppError as e:
@@ -510,8 +520,9 @@ def ratios(results: list[dict], batch: int = 1) -> list[str]:
         if best:
             lines.append(f"{label(r)} / {label(best)} (best dense vLLM): {ratio_text(r, best, key)}")
         peer = {"online-int8": "llama-q8_0", "online-int4": "llama-q4_0"}.get(base_mode(r["mode"]))
-        if peer in by:
-            lines.append(f"{label(r)} / {peer}: {ratio_text(r, by[peer], key)}")
+        for p in (peer, f"{peer}{HEAD16}") if peer else ():
+            if p in by:
+                lines.append(f"{label(r)} / {p}: {ratio_text(r, by[p], key)}")
     return lines
 
 

@@ -167,7 +167,8 @@ def test_mode_lists():
     assert e2e.parse_args([]).mode_list == list(e2e.DEFAULT_CPU_MODES)
     assert e2e.parse_args(["--peer"]).mode_list == list(e2e.DEFAULT_CPU_MODES) + list(e2e.LLAMA_MODES)
     args = e2e.parse_args(["--modes", "online-int4,llama-q4_0", "--peer"])
-    assert args.mode_list == ["online-int4", "llama-q4_0", "llama-bf16", "llama-q8_0"]
+    assert args.mode_list == ["online-int4", "llama-q4_0", "llama-bf16", "llama-q8_0", "llama-q8_0-head16",
+                              "llama-q4_0-head16"]
     # A user's checkpoint runs the online mode of its own bit width.
     args = e2e.parse_args(["--model", str(FIXTURES / "qwen3-int4-g128-sym")])
     assert args.mode_list == ["online-int4", "offline-bf16", "offline-fp32"]
@@ -182,6 +183,11 @@ def test_mode_lists():
                         {"mode": "offline-bf16", "decode_tok_s_b1": 1.5}])
     assert lines == ["online-int8-head8 / offline-bf16 (best dense vLLM): 2.00x",
                      "online-int8-head8 / llama-q8_0: 1.50x"]
+    # The exact-head mode also meets llama.cpp with its output matrix kept in F16 (-head16).
+    lines = e2e.ratios([{"mode": "online-int4", "decode_tok_s_b1": 3.0},
+                        {"mode": "llama-q4_0", "decode_tok_s_b1": 4.0},
+                        {"mode": "llama-q4_0-head16", "decode_tok_s_b1": 2.0}])
+    assert lines == ["online-int4 / llama-q4_0: 0.75x", "online-int4 / llama-q4_0-head16: 1.50x"]
     assert e2e.parse_args([]).batches == "1,8"
 
 

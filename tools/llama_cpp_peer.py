@@ -301,10 +301,14 @@ def write_gguf(hf_dir: Path, out: Path, gguf: ModuleType) -> dict:
             "file_type": ftype.name}
 
 
-def quantize(lc: LlamaCpp, src: Path, out: Path, qtype: str, threads: int | None = None) -> Path:
-    """``llama-quantize src out QTYPE`` (llama.cpp's own choices per tensor), via ``out.partial``."""
+def quantize(lc: LlamaCpp, src: Path, out: Path, qtype: str, threads: int | None = None,
+             head_type: str | None = None) -> Path:
+    """``llama-quantize src out QTYPE`` (llama.cpp's own choices per tensor), via ``out.partial``.
+    ``head_type`` (e.g. ``F16``) keeps the token embedding and the output matrix in that type instead
+    (``--token-embedding-type`` / ``--output-tensor-type``; a tied embedding is both)."""
     partial = out.with_name(out.name + ".partial")
-    cmd = [str(lc.tool("llama-quantize")), str(src), str(partial), qtype,
+    head = ["--token-embedding-type", head_type, "--output-tensor-type", head_type] if head_type else []
+    cmd = [str(lc.tool("llama-quantize")), *head, str(src), str(partial), qtype,
            str(threads or len(os.sched_getaffinity(0)))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
