@@ -520,7 +520,9 @@ def ratios(results: list[dict], batch: int = 1) -> list[str]:
         if best:
             lines.append(f"{label(r)} / {label(best)} (best dense vLLM): {ratio_text(r, best, key)}")
         peer = {"online-int8": "llama-q8_0", "online-int4": "llama-q4_0"}.get(base_mode(r["mode"]))
-        for p in (peer, f"{peer}{HEAD16}") if peer else ():
+        # An exact-head mode also meets the llama file whose output matrix stays F16 (the same bytes); a
+        # -head8 mode only the plain one (both heads quantized).
+        for p in (peer, f"{peer}{HEAD16}") if peer and not r["mode"].endswith(HEAD8) else (peer,):
             if p in by:
                 lines.append(f"{label(r)} / {p}: {ratio_text(r, by[p], key)}")
     return lines

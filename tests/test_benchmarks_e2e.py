@@ -186,8 +186,10 @@ def test_mode_lists():
     # The exact-head mode also meets llama.cpp with its output matrix kept in F16 (-head16).
     lines = e2e.ratios([{"mode": "online-int4", "decode_tok_s_b1": 3.0},
                         {"mode": "llama-q4_0", "decode_tok_s_b1": 4.0},
-                        {"mode": "llama-q4_0-head16", "decode_tok_s_b1": 2.0}])
-    assert lines == ["online-int4 / llama-q4_0: 0.75x", "online-int4 / llama-q4_0-head16: 1.50x"]
+                        {"mode": "llama-q4_0-head16", "decode_tok_s_b1": 2.0},
+                        {"mode": "online-int4-a8-head8", "decode_tok_s_b1": 5.0}])
+    assert lines == ["online-int4 / llama-q4_0: 0.75x", "online-int4 / llama-q4_0-head16: 1.50x",
+                     "online-int4-a8-head8 / llama-q4_0: 1.25x"]
     assert e2e.parse_args([]).batches == "1,8"
 
 
