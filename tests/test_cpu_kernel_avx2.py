@@ -133,7 +133,7 @@ def test_avx2_every_int8_code_exact(m, avx2):
 
 
 @pytest.mark.parametrize("bits", (4, 3, 2))
-@pytest.mark.parametrize("m", (1, 2, 3, 5, 7, 8, 16))
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 6, 7, 8, 16))
 def test_avx2_every_nibble_exact(bits, m, avx2):
     """Every code of the nibble layout in both halves of a byte (even and odd k) and every column
     position of the layout's byte permutation, asymmetric with z = 0: y[r] = q[k_r] exactly."""
@@ -146,7 +146,8 @@ def test_avx2_every_nibble_exact(bits, m, avx2):
     packed = BACKEND.repack(t, spec, k)
     assert "zeros" in packed.tensors
     rows = torch.randperm(k, generator=torch.Generator().manual_seed(m + bits))
-    # every dtype: at M = 1 bf16 / fp16 take the +128 decode (I4Bias128), fp32 the exact tables (I4Lut)
+    # every dtype: at M = 1 bf16 / fp16 take the +128 decode (I4Bias128), fp32 the exact tables (I4Lut);
+    # M = 4 and 6 the tables for every dtype (I4LutRows), M = 2, 3, 5 the conversion decode (I4F32)
     for dt in DTYPES:
         for r0 in range(0, k, m):
             ks = rows[r0:r0 + m]
@@ -402,3 +403,44 @@ def test_avx2_m1_fp32_accuracy(bits, sym, act, avx2):
         x = x_for(1, k, torch.float32, seed=seed)
         err = rel_err(gemm_out(x, packed), x.double() @ w)
         assert err <= 1e-6, f"int{bits} sym={sym} act={act} seed={seed}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("m", (2, 3, 4, 5, 6))
+def test_avx2_small_m_fp32_two_hot_exact(bits, sym, m, avx2):
+    """M = 2..6 (one row tile: I4LutRows at 4 and 6, I4F32 at 2, 3, 5), fp32 x: as the M = 1 two-hot
+    test, each row of the tile with its own pair (a, b) of one group, x = 1 at a and 2^-19 at b, so
+    y[r] = (q[a_r] - z) + 2^-19 (q[b_r] - z) exactly: a decode that adds a constant rounds, and a row
+    fed another row's x or a column another column's weights shows as an inequality."""
+    packed, q, z = _nibble_layer(bits, sym, seed=bits + m)
+    k = q.shape[0]
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(bits + 10 * sym + 100 * m))
+    tiny = 2.0**-19
+    for i0 in range(0, k, m):
+        x = torch.zeros(m, k, dtype=torch.float32)
+        want = torch.empty(m, q.shape[1], dtype=torch.float64)
+        for r in range(m):
+            a, b = int(perm[(i0 + r) % k]), int(perm[(i0 + r + 1) % k])
+            x[r, a], x[r, b] = 1.0, tiny
+            want[r] = (q[a] - z).double() + tiny * (q[b] - z).double()
+        assert torch.equal(want.float().double(), want), "the expected values must be exact in fp32"
+        y = gemm_out(x, packed).double()
+        bad = (y != want).nonzero()
+        assert bad.numel() == 0, f"int{bits} M={m} from {i0}: (row, column) {bad[:6].tolist()} differ"
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
+def test_avx2_small_m_fp32_accuracy(bits, sym, act, avx2):
+    """M = 2..6, fp32 x, long K (48 groups of 128): relative error against float64 at most 1e-6 per row
+    tile (the table decode measures ~2.1e-7 at M = 4 / 6, the conversion decode 4.0-4.8e-7 at 2, 3, 5;
+    kernel_avx2.cpp, I4LutRows), with N = 200: three full blocks and a partial one."""
+    k, n = 6144, 200
+    t, spec, w = make_layer(k, n, bits, 128, sym, act, "gptq", seed=bits + 2 * sym + 4 * act + 50)
+    packed = BACKEND.repack(t, spec, k)
+    for m in (2, 3, 4, 5, 6):
+        x = x_for(m, k, torch.float32, seed=m + 7)
+        err = rel_err(gemm_out(x, packed), x.double() @ w)
+        assert err <= 1e-6, f"int{bits} sym={sym} act={act} M={m}: relative error {err:.2e}"

@@ -439,6 +439,82 @@ template <int kCbInt>
 using I4Lut = I4Words<LutWords<kCbInt>>;
 
 // ------------------------------------------------------------------------------------------------
+// <=4-bit codes, M = 4 and 6 (one row tile): I4Lut's exact table decode, done once per row tile and
+// fed to every row's FMAs (the same words, lanes, accumulator layout and group epilogue as I4Lut, so the
+// same results contract: exact fp32 v = c + kCb, fp32 sums, scale once per group; the error against
+// float64 halves against I4F32's, 2.1e-7 against 4.0-4.5e-7 at K = 2048). A strip is one 32-byte half
+// of a k-pair row (I4Lut's slots 4h .. 4h + 3); 4 MR accumulators do not fit in 16 ymm beside the two
+// tables, so the half is done in two passes over the chunk, slots (4h, 4h + 1) from the unpacklo words,
+// then (4h + 2, 4h + 3) from the unpackhi ones, 2 MR accumulators each, each pass repeating the load,
+// the nibble split and the lookups: per 32 weights 13 decode uops (I4F32: 10, 4 of them vcvtdq2ps on
+// the FMA ports) + 4 MR FMAs. What it buys is port balance, not fewer uops: at 4-6 rows the FMAs fill
+// p0/p1 on Intel, where I4F32's conversions also run, while the lookups and unpacks go to p5.
+// Measured (Intel Xeon, Sapphire Rapids class, KVM, forced to AVX2; 2026-12-02 00:00-00:10 UTC; one
+// thread, CPU time, int4 sym group 128, fp32 x, medians of 5-9 interleaved rounds in one process, host
+// load 2-5 on 2 vCPUs), time of I4F32 / time of this: in cache (K = 2048, N = 1024) M = 4 1.06 / 1.06 /
+// 1.15, M = 6 1.07 / 1.05 / 1.11 (3 runs); from DRAM (3x L3 of rotated copies) gate_up 2048 x 12288
+// M = 4 1.19 / 1.02, M = 6 1.05; down 6144 x 2048 M = 4 1.01 / 1.01, M = 6 1.04. Not kept for M = 2, 3, 5
+// (same runs): M = 2 with the whole half in one pass (8 accumulators, 19 decode uops per 64 weights)
+// 1.00 / 1.05 / 1.02 in cache but 0.88-1.00 (gate_up) and 0.90-0.99 (down) from DRAM; M = 3 0.96-0.99
+// in cache, 0.97-1.01 from DRAM; M = 5 1.00-1.02 / 0.99-1.02. Dropped: the table decode into the
+// decode-once scratch with TiledF32's tiles (weights as FMA memory operands), 0.72-0.93x at M = 2..8.
+template <int kCbInt>
+struct I4LutRows : PolicyBase {
+  static constexpr float kCb = static_cast<float>(kCbInt);
+  static constexpr int kPairBytes = kBlockN;
+  static constexpr int kSlots = 2;  // a slot = one 32-byte half of a k-pair row = 32 columns
+  static constexpr int kSrcSlotBytes = 32;
+  static constexpr int kSlotAcc = 32;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int kMaxMR = 6;
+  static constexpr int64_t kChunkPairs = 2 * kChunk;
+  template <int MR>
+  static constexpr int strip() { return 1; }
+
+  // Slots j0, j0 + 1 of the half at c: the unpacklo (j0 = 0) or unpackhi (j0 = 2) words.
+  template <int MR, int j0>
+  static ALWAYS_INLINE void pass(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
+    __m256 A[MR][2];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < 2; ++j) A[r][j] = _mm256_loadu_ps(acc + r * kAccW + 8 * (j0 + j));
+    const __m256i m_lo = _mm256_set1_epi8(0x0f);
+    const __m256i m_hw = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const LutWords<kCbInt> words;
+    for (int64_t p = 0; p < np; ++p) {
+      const uint8_t* cp = c + p * kPairBytes;
+      if (pf) _mm_prefetch(pf + 64 * p, _MM_HINT_T0);
+      for (int e = 0; e < 2; ++e) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp));
+        const __m256i nb = e ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), m_lo) : _mm256_and_si256(raw, m_lo);
+        __m256i w0, w1;
+        words(nb, w0, w1);
+        const __m256i w = j0 == 0 ? w0 : w1;
+        const __m256 d0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        const __m256 d1 = _mm256_castsi256_ps(_mm256_and_si256(w, m_hw));
+        for (int r = 0; r < MR; ++r) {
+          const __m256 xe = _mm256_broadcast_ss(x + r * ldx + 2 * p + e);
+          A[r][0] = _mm256_fmadd_ps(d0, xe, A[r][0]);
+          A[r][1] = _mm256_fmadd_ps(d1, xe, A[r][1]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < 2; ++j) _mm256_storeu_ps(acc + r * kAccW + 8 * (j0 + j), A[r][j]);
+  }
+
+  template <int MR, int NS>
+  static ALWAYS_INLINE void tile(const uint8_t* c, int64_t np, const float* x, int64_t ldx, float* acc, const char* pf) {
+    static_assert(NS == 1, "one half per strip");
+    pass<MR, 0>(c, np, x, ldx, acc, pf);
+    pass<MR, 2>(c, np, x, ldx, acc, nullptr);  // the first pass prefetched the chunk's lines
+  }
+
+  static void group_end(const GemmArgs& a, int64_t b, int64_t g, const float* acc, float* total) {
+    I4Lut<kCbInt>::group_end(a, b, g, acc, total);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
 // M >= kTiledMinM: decode once, multiply many times. With the direct tiles above every row tile
 // re-decodes the chunk (M = 16: three decodes per weight, and the conversions take p0/p1 slots the FMAs
 // need); here the chunk is decoded once into an L1 scratch of exact fp32 integers (kChunkT k-pairs x
@@ -816,6 +892,13 @@ bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
     if (a.bits == 2) return run<I4Lut<-2>>(a, b0, b1, a.xf, a.Kp);
     if (a.bits == 3) return run<I4Lut<-4>>(a, b0, b1, a.xf, a.Kp);
     return run<I4Lut<-8>>(a, b0, b1, a.xf, a.Kp);
+  }
+  // M = 4 and 6 (one row tile): the table decode once for all rows (I4LutRows), whatever the out dtype
+  // (x is fp32 here either way); M = 2, 3, 5 keep I4F32 (I4LutRows measured 0.88-1.05x there).
+  if (a.M == 4 || a.M == 6) {
+    if (a.bits == 2) return run<I4LutRows<-2>>(a, b0, b1, a.xf, a.Kp);
+    if (a.bits == 3) return run<I4LutRows<-4>>(a, b0, b1, a.xf, a.Kp);
+    return run<I4LutRows<-8>>(a, b0, b1, a.xf, a.Kp);
   }
   // x with odd k divided by 16 (see I4F32), once per call.
   const int64_t n = a.M * a.Kp;
