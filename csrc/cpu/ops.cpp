@@ -124,10 +124,13 @@ OutType out_type_of(at::ScalarType st) {
   }
 }
 
+namespace {
+// M rows of `dt` go to the fused kernels (else to a large-M path).
 bool fused_m(const Config& cfg, int64_t M, at::ScalarType dt) {
   const bool dot = cfg.bf16_dot && dt == at::kBFloat16;
   return M <= small_m_max(cfg, dt, dot && brgemm_on(cfg));  // brgemm_on implies bf16_dot
 }
+}  // namespace
 
 bool int8_activations(const Config& cfg, int64_t bits, int64_t M, at::ScalarType dt) {
   if (!cfg.w8a8 || !cfg.w8a8_ok || M < 1 || !fused_m(cfg, M, dt)) return false;  // large M: exact paths
