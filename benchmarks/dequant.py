@@ -14,9 +14,11 @@ Per layer shape, bit width and M, in one run:
                ``ops.onednn_mm``: what vLLM really runs for a BF16 linear on CPU);
 * ``wna16``    (4-bit) vLLM's own GPTQ CPU kernel ``cpu_gemm_wna16`` on the same weights, repacked the
                way ``CPUWNA16LinearKernel._process_gptq_weights_w4a16`` does;
-* ``w8a8``     (8-bit, M >= 5; <=4-bit on the AVX2 tier, every M) our op with the opt-in int8-activation
-               mode (GPTQ_ASCEND_CPU_W8A8=1): x rounded to int8 per row and group, AVX512-VNNI / AVX2
-               vpmaddwd, vpmaddubsw for nibbles; not the default (changes numerics);
+* ``w8a8``     our op with the opt-in int8-activation mode (GPTQ_ASCEND_CPU_W8A8=1), timed only at the M
+               where the kernel then takes int8 activations (it says where: backends.cpu.int8_activations;
+               today 8-bit from M = 5, <=4-bit on the AVX2 tier at every fused M): x rounded to int8 per
+               row and group, AVX512-VNNI / AVX2 vpmaddwd, vpmaddubsw for nibbles; not the default
+               (changes numerics);
 * ``ref``      the pure-torch reference backend (``format.dequantize`` + matmul), for scale;
 * ``floor``    the memory floor: the time to stream-read as many bytes as the GPTQ layer holds (qweight +
                scales + qzeros; ``torch.sum`` over fp32 buffers in rotation), measured per point in the
@@ -248,14 +250,14 @@ def wna16_repack(t, spec):
     return weight
 
 
-W8A8_MIN_M = 5  # the opt-in int8-activation kernel runs from this M (kTiledMinM in csrc/cpu/kernel.h)
+def int8_activation_ms(bits: int, ms: list[int], dtype: torch.dtype) -> list[int]:
+    """The M of `ms` at which the opt-in mode gives this layer int8 activations: the kernel's own
+    dispatch rule (backends.cpu.int8_activations), asked with the mode on; the other M would time
+    the exact kernel again under the w8a8 label."""
+    from gptq_ascend.backends.cpu import int8_activations
 
-
-def _cpu_isa() -> str:
-    """The CPU kernel's tier (kernel_settings()["isa"])."""
-    from gptq_ascend.backends.cpu import kernel_settings
-
-    return kernel_settings()["isa"]
+    with w8a8_mode(True):
+        return [m for m in ms if int8_activations(bits, m, dtype)]
 
 
 class w8a8_mode:
@@ -319,10 +321,12 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
     if not args.no_f32_linear:
         dense32 = [d["w"] for d in rotate({"w": w_kn.t().float().contiguous()}, k * n * 4)]
         methods["lin32"] = (len(dense32), lambda x: lambda i: F.linear(x.float(), dense32[i]))
-    # 8-bit layers (AVX-512 VNNI or AVX2), and <=4-bit ones on the AVX2 tier (the W4A8 kernel)
-    w8a8 = (dev.type == "cpu" and backend.name == "cpu" and not args.no_w8a8
-            and (bits == 8 or _cpu_isa() == "avx2"))
-    if w8a8:  # the opt-in int8-activation mode: same op, timed with the mode switched on
+    # the opt-in int8-activation mode: same op, timed with the mode switched on, at the M where the
+    # kernel then takes int8 activations (8-bit layers from M = 5 on AVX512-VNNI / AVX2, <=4-bit ones
+    # at every fused M on the AVX2 tier: the kernel's rule, not repeated here)
+    w8a8_ms = (int8_activation_ms(bits, ms, act)
+               if dev.type == "cpu" and backend.name == "cpu" and not args.no_w8a8 else [])
+    if w8a8_ms:
         methods["w8a8"] = methods["ours"]
     if dev.type == "cpu" and not args.no_vllm:
         try:
@@ -370,7 +374,7 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
         p = Point(label, k, n, bits, m, gptq_mib=nbytes / MIB, agreement=agree)
         timed = {}
         for name, (copies, make) in methods.items():
-            if name == "ref" or (name == "w8a8" and bits == 8 and m < W8A8_MIN_M):
+            if name == "ref" or (name == "w8a8" and m not in w8a8_ms):
                 continue
             timed[name] = (make(x), copies, w8a8_mode(name == "w8a8"))
         results = time_interleaved(timed, sync, args.repeats, args.budget)

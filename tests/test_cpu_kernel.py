@@ -421,6 +421,50 @@ def test_w8a8_leaves_4bit_exact(isa_config):
         isa_config("auto", w8a8=False)
 
 
+@pytest.mark.parametrize("bits", (8, 4, 3, 2))
+def test_int8_activations_says_what_the_kernel_does(bits, isa_config):
+    """``int8_activations`` (the kernel dispatch's own rule, which benchmarks.dequant asks) against what
+    the op computes, on every tier this CPU runs, with the opt-in off and on, on both sides of the
+    fused/large-M switch (the tier's own and one lowered to M = 8): where it says int8, the output is
+    the float64 emulation of int8 x and clearly farther from the exact product; where it says exact,
+    the reverse. One group of K = 256 and x with one entry of 40 per row, so the int8 step is coarse:
+    rounding x to int8 then costs ~3e-2 relative against the outputs' own rounding (~1e-3 for bf16, far
+    less for fp16 / fp32), and the two references are well apart (Gaussian x alone gave bf16 margins of
+    only 0.42)."""
+    k, n = 256, 136
+    t, spec, w = make_layer(k, n, bits, -1, False, True, "gptq", seed=40 + bits)
+    packed = BACKEND.repack(t, spec, k)
+    g_idx = t.g_idx.long()
+    seen = set()
+    for isa in ISAS:
+        for w8a8, small_m_max in ((False, None), (True, None), (True, 8)):
+            isa_config("reset")
+            desc = isa_config(isa, small_m_max, w8a8=w8a8)
+            for dt in DTYPES:
+                switch = int(cpu_mod.kernel_settings()["small_m_max_bf16" if dt == torch.bfloat16
+                                                       else "small_m_max_f32"])
+                for m in sorted({1, 4, 5, 16, switch + 1}):
+                    x = x_for(m, k, dt, seed=m + bits)
+                    x[:, 3] = 40
+                    said = cpu_mod.int8_activations(bits, m, dt)
+                    y = BACKEND.gemm(x, packed).double()
+                    exact, emulated = x.double() @ w, w8a8_emulated(x, w, g_idx)
+                    near, far = (emulated, exact) if said else (exact, emulated)
+                    d_near, d_far = rel_err(y, near), rel_err(y, far)
+                    where = f"{desc.split()[0]} w8a8={w8a8} small_m_max={small_m_max} {dt} M={m} said={said}"
+                    assert d_near <= REL_TOL[dt] and d_near < 0.5 * d_far, f"{where}: {d_near:.2e} vs {d_far:.2e}"
+                    assert not said or (w8a8 and m <= switch), where  # opt-in, fused path only
+                    seen.add((isa, said))
+    isa_config("reset")
+    # What this CPU should report: the AVX2 tier takes int8 x for every width, an AVX-512 tier with
+    # VNNI for 8-bit layers only (from M = 5), the portable tier never.
+    if "avx2" in ISAS:
+        assert ("avx2", True) in seen, "the AVX2 tier never took int8 activations"
+    if "avx512" in ISAS and "avx512_vnni" in FLAGS:
+        assert (("avx512", True) in seen) == (bits == 8), "AVX-512 VNNI takes int8 x for 8-bit layers only"
+    assert ("generic", True) not in seen
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile / fake tensors
 # ---------------------------------------------------------------------------------------------

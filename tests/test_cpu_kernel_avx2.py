@@ -237,6 +237,34 @@ def test_avx2_w4a8_int16_range(sym, avx2):
                 f"sign {sign} mixed {mixed}: max err {(y - ref).abs().max()}")
 
 
+@pytest.mark.parametrize("bits", (8, 4, 2))
+def test_avx2_int8_activations_same_bits_on_1_and_2_threads(bits, avx2):
+    """The int8 x is gathered once per call (gather.cpp), whatever the block ranges the threads take:
+    the output is bit-identical on 1 and 2 threads (16 blocks: with 2 threads parallel_blocks hands
+    out ranges of one block), for M = 1, 5, 16, and it is the float64 emulation of int8 x wherever the
+    kernel says it takes int8 activations (8-bit M = 1 is the exact kernel)."""
+    k, n = 512, 1024
+    t, spec, w = make_layer(k, n, bits, 128, False, True, "gptq", seed=23 + bits)
+    packed = BACKEND.repack(t, spec, k)
+    avx2("", w8a8=True)
+    threads = torch.get_num_threads()
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            for m in (1, 5, 16):
+                x = x_for(m, k, dt, seed=m + 31)
+                torch.set_num_threads(1)
+                y1 = gemm_out(x, packed)
+                torch.set_num_threads(2)
+                y2 = gemm_out(x, packed)
+                assert torch.equal(y1, y2), f"int{bits} {dt} M={m}: 1 and 2 threads differ"
+                int8 = cpu_mod.int8_activations(bits, m, dt)
+                assert int8 == (bits != 8 or m >= 5), f"int{bits} {dt} M={m}"
+                ref = w8a8_emulated(x, w, t.g_idx.long()) if int8 else x.double() @ w
+                assert rel_err(y1, ref) <= REL_TOL[dt], f"int{bits} {dt} M={m}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("bits", (8, 4))
 def test_avx2_int8_activations_propagate_nan(bits, avx2):
     """A NaN activation makes its row's outputs NaN under the opt-in int8 activations too (as the exact

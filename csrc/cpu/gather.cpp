@@ -19,7 +19,10 @@ namespace {
 // input dtypes), then written out in the kernel's layout:
 //   xf  [M][Kp] fp32 (direct fp32 kernels)      xt  [Kp][M] fp32 (tiled fp32 kernels)
 //   xb  [M][Kp] bf16 bits (direct BF16 kernels)  xp  [Kp/2][M] bf16 pairs (tiled BF16 kernels)
-//   xq4 [Kp/4][M] int8 quads + xscale (opt-in W8A8)
+//   xq4 [Kp/4][M] int8 quads + xscale (opt-in W8A8, AVX-512 VNNI)
+//   xq16p [M][Kp/2] int16 pairs, xq8p [M][Kp/2] int8 pairs + xscale (opt-in W8A8 / W4A8, AVX2): the
+//   words the AVX2 tiles broadcast, regrouped here once per call, rows in parallel, rather than by each
+//   block range of the kernel (up to 8 ranges per thread, parallel_blocks)
 // ---------------------------------------------------------------------------------------------------
 template <class T>
 float to_f32(T v) {
@@ -91,7 +94,17 @@ void gather_t(const T* x, int64_t M, const Packed& p, XLayout layout, XBuffers& 
       out.u32.resize(static_cast<size_t>(M * Kp / 4));
       out.xscale.resize(static_cast<size_t>(M * G));
       break;
+    case XLayout::Int16PairRows:
+      out.u32.resize(static_cast<size_t>(M * Kp / 2));
+      out.xscale.resize(static_cast<size_t>(M * G));
+      break;
+    case XLayout::Int8PairRows:
+      out.b16.resize(static_cast<size_t>(M * Kp / 2));
+      out.xscale.resize(static_cast<size_t>(M * G));
+      break;
   }
+  const bool int8 = layout == XLayout::Int8Quads || layout == XLayout::Int16PairRows ||
+                    layout == XLayout::Int8PairRows;
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<float> row(static_cast<size_t>(Kp));
     float* v = row.data();
@@ -99,7 +112,7 @@ void gather_t(const T* x, int64_t M, const Packed& p, XLayout layout, XBuffers& 
       row_to_f32(x + m * K, p, identity, v);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t i0 = gp[g], i1 = gp[g + 1];
-        if (layout == XLayout::Int8Quads) {
+        if (int8) {
           const float amax = absmax8(v + i0, i1 - i0);
           const float inv = amax > 0.f ? 127.f / amax : 0.f;
           for (int64_t i = i0; i < i1; ++i)  // |v * inv| <= 127: clamping only guards rounding
@@ -130,6 +143,18 @@ void gather_t(const T* x, int64_t M, const Packed& p, XLayout layout, XBuffers& 
                       << (8 * j);
             out.u32[(i / 4) * M + m] = word;
           }
+          break;
+        case XLayout::Int16PairRows:  // v holds integers in [-127, 127]: the int16 bits of each
+          for (int64_t i = 0; i < Kp; i += 2)
+            out.u32[m * (Kp / 2) + i / 2] = static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int32_t>(v[i]))) |
+                                            static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int32_t>(v[i + 1])))
+                                                << 16;
+          break;
+        case XLayout::Int8PairRows:
+          for (int64_t i = 0; i < Kp; i += 2)
+            out.b16[m * (Kp / 2) + i / 2] = static_cast<uint16_t>(
+                static_cast<uint8_t>(static_cast<int32_t>(v[i])) |
+                static_cast<uint16_t>(static_cast<uint8_t>(static_cast<int32_t>(v[i + 1]))) << 8);
           break;
       }
     }

@@ -55,7 +55,13 @@ int64_t pow2_floor(int64_t v);
 int64_t brgemm_tile_rows();  // padded rows per brgemm tile (from the L2 size)
 int64_t gemm_tile_bytes();   // bytes per dequantized GEMM tile (from the L3 size)
 
-// ---- ops.cpp: the checked packed weight -----------------------------------------------------------
+// ---- ops.cpp: the dispatch rule and the checked packed weight ----------------------------------------
+// Whether cpu_gemm rounds x to int8 (the opt-in W8A8 / W4A8 kernels) for M rows of dtype `dt` on a
+// `bits`-bit layer with k-quad groups (every layer CPUBackend.repack packs), under `cfg`. The one owner
+// of that rule: the fused path's dispatch calls it, and so does the cpu_int8_activations op, which
+// benchmarks and tests ask instead of repeating it.
+bool int8_activations(const Config& cfg, int64_t bits, int64_t M, at::ScalarType dt);
+
 struct Packed {
   at::Tensor codes, scales, row_map, group_ptr;
   c10::optional<at::Tensor> zeros;
@@ -93,13 +99,14 @@ void parallel_blocks(int64_t nblk, const F& fn) {
 
 // ---- gather.cpp -----------------------------------------------------------------------------------
 // The layouts the fused kernels read x in (see gather.cpp).
-enum class XLayout { F32Rows, F32KMajor, Bf16Rows, Bf16Pairs, Int8Quads };
+enum class XLayout { F32Rows, F32KMajor, Bf16Rows, Bf16Pairs, Int8Quads, Int16PairRows, Int8PairRows };
 struct XBuffers {
   std::vector<float> f32, xsum, xscale;
   std::vector<uint16_t> b16;
   std::vector<uint32_t> u32;
 };
-// x2 [M, K] (fp32 / bf16 / fp16, contiguous) into `layout`, with the per-group sums.
+// x2 [M, K] (fp32 / bf16 / fp16, contiguous) into `layout`, with the per-group sums (and for the int8
+// layouts the per-group scales; xsum then sums the int8 values).
 void gather_x(const at::Tensor& x2, const Packed& p, XLayout layout, XBuffers& out);
 // x [M, K] -> [M, Kp] in the kernel's row order (pads zero), dtype `ct`.
 at::Tensor gather_rows(const at::Tensor& x2, const Packed& p, at::ScalarType ct);

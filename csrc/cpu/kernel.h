@@ -87,7 +87,12 @@ struct GemmArgs : PackedView {
   // x[m, k] ~= xscale[m, g] * xq, xq in [-127, 127], one scale per row and group; xq4 holds k-quads,
   // quad-major ([Kp/4][M] of 4 x int8), and xsum then holds the per-group sums of xq (exact integers).
   // A group holding a NaN gets xscale NaN (its outputs are NaN, as the exact kernels' are).
+  // The AVX2 kernels read the same xq row-major instead, as the (xq[k], xq[k+1]) word their tiles
+  // broadcast: xq16p as two int16 (vpmaddwd, W8A8), xq8p as two int8 (vpmaddubsw, W4A8); gathered once
+  // per call (gather.cpp), not per block range.
   const int32_t* xq4 = nullptr;
+  const uint32_t* xq16p = nullptr;  // [M][Kp/2]: (uint16)xq[k] | (uint16)xq[k+1] << 16 (AVX2 W8A8)
+  const uint16_t* xq8p = nullptr;   // [M][Kp/2]: (uint8)xq[k] | (uint8)xq[k+1] << 8 (AVX2 W4A8)
   const float* xscale = nullptr;  // [M][G]
   const float* xsum = nullptr;   // [M][G] per-group sums of the gathered activations
   const float* bias = nullptr;   // [N] fp32 or null
@@ -131,11 +136,11 @@ BlockGemm fused_gemm_i8_bf16;
 namespace avx2 {
 // Reads GemmArgs::xf ([M][Kp] fp32) for every M; intrinsics kernels on the shared driver (driver.inc).
 BlockGemm fused_gemm;
-// The opt-in W8A8 kernel on AVX2 (the same GemmArgs::xq4 / xscale / xsum inputs and the same exact int32
-// sums as avx512::fused_gemm_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
+// The opt-in W8A8 kernel on AVX2 (GemmArgs::xq16p / xscale / xsum: the same quantized x and the same
+// exact int32 sums as avx512::fused_gemm_w8a8, with vpmaddwd): bits == 8, group_ptr multiples of 4.
 BlockGemm fused_gemm_w8a8;
-// The opt-in W4A8 kernel on AVX2 (vpmaddubsw; the same x inputs and int32 sums): bits <= 4, group_ptr
-// multiples of 4, every M of the fused path (row tiles of <= 4 rows).
+// The opt-in W4A8 kernel on AVX2 (vpmaddubsw; GemmArgs::xq8p / xscale / xsum, the same int32 sums):
+// bits <= 4, group_ptr multiples of 4, every M of the fused path (row tiles of <= 4 rows).
 BlockGemm fused_gemm_w4a8;
 BlockDequant dequant;
 }  // namespace avx2

@@ -636,13 +636,13 @@ struct TiledF32 : PolicyBase {
 
 // ------------------------------------------------------------------------------------------------
 // Opt-in W8A8 (8-bit weights x int8 activations; the same x quantization as the AVX-512 VNNI kernel,
-// GemmArgs::xq4 / xscale, and the same exact int32 sums, so the two give identical results).
+// the xq / xscale of GemmArgs::xq4, and the same exact int32 sums, so the two give identical results).
 // vpmaddwd multiplies 16-bit pairs into int32 with no saturation: the codes zero-extended to words
 // (vpmovzxbw of 16 bytes = 8 columns x (k, k+1), natural column order) times the (x[k], x[k+1]) int16
 // pair broadcast: 16 MACs per instruction against 8 for an fp32 FMA. (vpmaddubsw, llama.cpp's Q8_0
 // dot, would saturate: its int16 pair sums reach 2 * 255 * 127 with unsigned 8-bit codes, and the sign
-// trick llama.cpp uses needs weights in [-127, 127].) x arrives as int8 quads [Kp/4][M]; the entry
-// point widens it once per call to int16 pairs [M][Kp/2].
+// trick llama.cpp uses needs weights in [-127, 127].) x arrives as those int16 pairs, [M][Kp/2]
+// (GemmArgs::xq16p, gathered once per call by gather.cpp).
 // ------------------------------------------------------------------------------------------------
 struct I8W8A8 : PolicyBase {
   using XType = uint32_t;
@@ -694,7 +694,7 @@ struct I8W8A8 : PolicyBase {
 
 // ------------------------------------------------------------------------------------------------
 // Opt-in W4A8 (<=4-bit codes x int8 activations, every fused M; the same x quantization as W8A8:
-// GemmArgs::xq4 / xscale / xsum). vpmaddubsw multiplies unsigned bytes by signed bytes and adds
+// GemmArgs::xq8p / xscale / xsum). vpmaddubsw multiplies unsigned bytes by signed bytes and adds
 // adjacent pairs into int16 with saturation, which nibble codes never reach: |q(k) xq(k) + q(k+1)
 // xq(k+1)| <= 2 * 15 * 127 = 3810, so 8 k-pairs are even summed in int16 (8 * 3810 = 30480 < 2^15)
 // before one widening to int32. The pair a vpmaddubsw wants is (q(k), q(k+1)) of ONE column in adjacent
@@ -914,34 +914,13 @@ bool fused_gemm(const GemmArgs& a, int64_t b0, int64_t b1) {
 }
 
 bool fused_gemm_w8a8(const GemmArgs& a, int64_t b0, int64_t b1) {
-  if (a.bits != 8 || !a.xq4 || !a.xscale) return false;
-  // int8 quads [Kp/4][M] -> int16 pairs [M][Kp/2].
-  const int64_t M = a.M, P2 = a.Kp / 2;
-  Aligned xw(static_cast<size_t>(M * P2) * sizeof(uint32_t));
-  if (!xw.p) return false;
-  uint32_t* w = static_cast<uint32_t*>(xw.p);
-  const int8_t* q = reinterpret_cast<const int8_t*>(a.xq4);
-  for (int64_t k4 = 0; k4 < a.Kp / 4; ++k4)
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* e = q + (k4 * M + m) * 4;
-      w[m * P2 + 2 * k4] = static_cast<uint16_t>(e[0]) | static_cast<uint32_t>(static_cast<uint16_t>(e[1])) << 16;
-      w[m * P2 + 2 * k4 + 1] = static_cast<uint16_t>(e[2]) | static_cast<uint32_t>(static_cast<uint16_t>(e[3])) << 16;
-    }
-  return run<I8W8A8>(a, b0, b1, w, P2);
+  if (a.bits != 8 || !a.xq16p || !a.xscale) return false;
+  return run<I8W8A8>(a, b0, b1, a.xq16p, a.Kp / 2);
 }
 
 bool fused_gemm_w4a8(const GemmArgs& a, int64_t b0, int64_t b1) {
-  if (a.bits == 8 || !a.xq4 || !a.xscale) return false;
-  // int8 quads [Kp/4][M] are, row by row, the (xq[k], xq[k+1]) words the tiles read: one row is the
-  // quads themselves; more rows are regrouped [M][Kp/2] (a quad = two words, copied whole).
-  if (a.M == 1) return run<I4W4A8>(a, b0, b1, a.xq4, a.Kp / 2);
-  const int64_t M = a.M, K4 = a.Kp / 4;
-  Aligned xw(static_cast<size_t>(M * K4) * sizeof(int32_t));
-  if (!xw.p) return false;
-  int32_t* w = static_cast<int32_t*>(xw.p);
-  for (int64_t k4 = 0; k4 < K4; ++k4)
-    for (int64_t m = 0; m < M; ++m) w[m * K4 + k4] = a.xq4[k4 * M + m];
-  return run<I4W4A8>(a, b0, b1, w, a.Kp / 2);
+  if (a.bits == 8 || !a.xq8p || !a.xscale) return false;
+  return run<I4W4A8>(a, b0, b1, a.xq8p, a.Kp / 2);
 }
 
 bool dequant(const DequantArgs& a, int64_t b0, int64_t b1) {

@@ -11,6 +11,7 @@
 //               float sym_zero, int in_features, int out_features, ScalarType dtype) -> Tensor
 //   cpu_kernel_config(str isa="", int small_m_max=-1, int small_m_max_f32=-1, int w8a8=-1,
 //                     int brgemm=-1) -> str
+//   cpu_int8_activations(int bits, int m, ScalarType dtype) -> bool   (int8_activations below)
 // The packed tensors are described in kernel.h and produced by CPUBackend.repack.
 //
 // Baseline ISA; it calls into the AVX-512 / AVX2 units only for the tier config.cpp chose for this CPU.
@@ -124,6 +125,21 @@ OutType out_type_of(at::ScalarType st) {
 }
 
 namespace {
+// M rows of `dt` go to the fused kernels (else to a large-M path).
+bool fused_m(const Config& cfg, int64_t M, at::ScalarType dt) {
+  const bool dot = cfg.bf16_dot && dt == at::kBFloat16;
+  return M <= small_m_max(cfg, dt, dot && brgemm_on(cfg));  // brgemm_on implies bf16_dot
+}
+}  // namespace
+
+bool int8_activations(const Config& cfg, int64_t bits, int64_t M, at::ScalarType dt) {
+  if (!cfg.w8a8 || !cfg.w8a8_ok || M < 1 || !fused_m(cfg, M, dt)) return false;  // large M: exact paths
+  // 8-bit layers from the tiled M on (AVX-512 VNNI or AVX2); <=4-bit layers on AVX2 at every fused M
+  // (the vpmaddubsw kernel measured 1.1-1.9x the exact one, before I4Lut, from M = 1 to the switch-over).
+  return bits == 8 ? M >= kTiledMinM : cfg.isa == Isa::Avx2;
+}
+
+namespace {
 
 void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c10::optional<at::Tensor>& bias,
                  at::Tensor& out2) {
@@ -133,15 +149,15 @@ void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c
   static_cast<PackedView&>(a) = packed_view(p);
   a.N = p.N;
   a.M = M;
-  bool quads = true;
+  bool quads = true;  // always, for CPUBackend.repack's layers; int8_activations assumes it
   for (int64_t g = 0; g <= p.G && quads; ++g) quads = p.group_ptr.data_ptr<int32_t>()[g] % 4 == 0;
-  // 8-bit layers from the tiled M on (AVX-512 VNNI or AVX2); <=4-bit layers on AVX2 at every fused M
-  // (the vpmaddubsw kernel measured 1.1-1.9x the exact one, before I4Lut, from M = 1 to the switch-over).
-  const bool w4a8 = p.bits != 8 && cfg.isa == Isa::Avx2;
-  const bool w8a8 = cfg.w8a8 && cfg.w8a8_ok && ((p.bits == 8 && M >= kTiledMinM) || w4a8) && quads;
+  const bool w8a8 = quads && int8_activations(cfg, p.bits, M, x2.scalar_type());
+  const bool w4a8 = w8a8 && p.bits != 8;  // AVX2 only (int8_activations)
   const bool tiled = cfg.isa == Isa::Avx512 && M >= kTiledMinM;
   const bool vbmi_direct = cfg.vbmi && dot && !tiled && p.bits == 8;
-  const XLayout layout = w8a8 ? XLayout::Int8Quads
+  const XLayout layout = w8a8 ? (cfg.isa != Isa::Avx2 ? XLayout::Int8Quads
+                                 : w4a8               ? XLayout::Int8PairRows
+                                                      : XLayout::Int16PairRows)
                          : dot ? (tiled ? XLayout::Bf16Pairs : XLayout::Bf16Rows)
                                : (tiled ? XLayout::F32KMajor : XLayout::F32Rows);
   XBuffers xbuf;
@@ -153,6 +169,14 @@ void run_fused(const Config& cfg, const at::Tensor& x2, const Packed& p, const c
     case XLayout::Bf16Pairs: a.xp = xbuf.u32.data(); break;
     case XLayout::Int8Quads:
       a.xq4 = reinterpret_cast<const int32_t*>(xbuf.u32.data());
+      a.xscale = xbuf.xscale.data();
+      break;
+    case XLayout::Int16PairRows:
+      a.xq16p = xbuf.u32.data();
+      a.xscale = xbuf.xscale.data();
+      break;
+    case XLayout::Int8PairRows:
+      a.xq8p = xbuf.b16.data();
       a.xscale = xbuf.xscale.data();
       break;
   }
@@ -196,9 +220,8 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   const int64_t M = x2.size(0);
   if (M == 0) return;
   const Config cfg = current_config();
-  const bool dot = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16;
-  const bool brgemm = dot && brgemm_on(cfg);  // brgemm_on implies bf16_dot
-  if (M <= small_m_max(cfg, x2.scalar_type(), brgemm)) run_fused(cfg, x2, p, bias, out2);
+  const bool brgemm = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16 && brgemm_on(cfg);
+  if (fused_m(cfg, M, x2.scalar_type())) run_fused(cfg, x2, p, bias, out2);
   else if (brgemm) run_large_m_brgemm(x2, p, bias, out2);
   else run_large_m(cfg, x2, p, bias, out2);
 }
@@ -280,6 +303,15 @@ std::string cpu_kernel_config(const std::string& isa, int64_t small_m_max, int64
   return configure(isa, small_m_max, small_m_max_f32, w8a8, brgemm);
 }
 
+bool cpu_int8_activations(int64_t bits, int64_t m, at::ScalarType dtype) {
+  const char* op = "gptq_ascend::cpu_int8_activations";
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(m >= 0, op, ": m (rows of x) must be >= 0, got ", m);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": dtype must be float32, bfloat16 or float16 (x's dtype), got ", dtype);
+  return int8_activations(current_config(), bits, m, dtype);
+}
+
 }  // namespace
 }  // namespace gptq_cpu::host
 
@@ -299,6 +331,7 @@ TORCH_LIBRARY_FRAGMENT(gptq_ascend, m) {
   m.def("cpu_kernel_config(str isa=\"\", int small_m_max=-1, int small_m_max_f32=-1, int w8a8=-1, "
         "int brgemm=-1) -> str",
         &gptq_cpu::host::cpu_kernel_config);
+  m.def("cpu_int8_activations(int bits, int m, ScalarType dtype) -> bool", &gptq_cpu::host::cpu_int8_activations);
 }
 
 TORCH_LIBRARY_IMPL(gptq_ascend, CPU, m) {

@@ -302,6 +302,18 @@ def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32
                                                    -1 if brgemm is None else int(brgemm))
 
 
+def int8_activations(bits: int, m: int, dtype: torch.dtype) -> bool:
+    """Whether ``cpu_gemm`` rounds x to int8 (the opt-in W8A8 / W4A8 kernels) for ``m`` rows of x of
+    ``dtype`` on a ``bits``-bit layer packed by :meth:`CPUBackend.repack`, under the settings now in force
+    (:func:`kernel_config`). The answer is the kernel dispatch's own rule (csrc/cpu/ops.cpp,
+    ``int8_activations``), so callers ask here instead of repeating it."""
+    if _IMPORT_ERROR is not None:
+        raise BackendError(CPUBackend().available()[1])
+    if not hasattr(torch.ops.gptq_ascend, "cpu_int8_activations"):
+        raise BackendError("the C++ extension gptq_ascend._C predates cpu_int8_activations; rebuild it (`make env`)")
+    return bool(torch.ops.gptq_ascend.cpu_int8_activations(bits, m, dtype))
+
+
 def kernel_settings() -> dict[str, str]:
     """:func:`kernel_config` as a dict."""
     return dict(item.split("=", 1) for item in kernel_config().split())
