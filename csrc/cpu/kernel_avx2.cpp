@@ -438,6 +438,17 @@ struct LutWords {
 template <int kCbInt>
 using I4Lut = I4Words<LutWords<kCbInt>>;
 
+// The block layout of the <=4-bit kernels that work on whole 32-byte halves of a k-pair row (one
+// slot = 32 columns, 32 accumulator lanes per slot): I4LutRows and I4W4A8.
+struct KPairHalves : PolicyBase {
+  static constexpr int kPairBytes = kBlockN;
+  static constexpr int kSlots = 2;
+  static constexpr int kSrcSlotBytes = 32;
+  static constexpr int kSlotAcc = 32;
+  static constexpr int kAccW = kBlockN;
+  static constexpr int64_t kChunkPairs = 2 * kChunk;
+};
+
 // ------------------------------------------------------------------------------------------------
 // <=4-bit codes, M = 4 and 6 (one row tile): I4Lut's exact table decode, done once per row tile and
 // fed to every row's FMAs (the same words, lanes, accumulator layout and group epilogue as I4Lut, so the
@@ -459,15 +470,9 @@ using I4Lut = I4Words<LutWords<kCbInt>>;
 // in cache, 0.97-1.01 from DRAM; M = 5 1.00-1.02 / 0.99-1.02. Dropped: the table decode into the
 // decode-once scratch with TiledF32's tiles (weights as FMA memory operands), 0.72-0.93x at M = 2..8.
 template <int kCbInt>
-struct I4LutRows : PolicyBase {
+struct I4LutRows : KPairHalves {
   static constexpr float kCb = static_cast<float>(kCbInt);
-  static constexpr int kPairBytes = kBlockN;
-  static constexpr int kSlots = 2;  // a slot = one 32-byte half of a k-pair row = 32 columns
-  static constexpr int kSrcSlotBytes = 32;
-  static constexpr int kSlotAcc = 32;
-  static constexpr int kAccW = kBlockN;
   static constexpr int kMaxMR = 6;
-  static constexpr int64_t kChunkPairs = 2 * kChunk;
   template <int MR>
   static constexpr int strip() { return 1; }
 
@@ -713,17 +718,11 @@ struct I8W8A8 : PolicyBase {
 // M = 1 kernel is now I4Lut, ~1.2x faster, so ~1.4x against it); in cache M = 1..192 1.11-1.88x, so it
 // runs at every fused M. Row tiles of 6 rows: no gain at M = 16, 5-row tiles spill.
 // ------------------------------------------------------------------------------------------------
-struct I4W4A8 : PolicyBase {
+struct I4W4A8 : KPairHalves {
   using XType = uint16_t;  // (xq[k], xq[k+1]) as the low / high byte
   using AccType = int32_t;
   static constexpr int kKPerX = 2;
-  static constexpr int kPairBytes = kBlockN;
-  static constexpr int kSlots = 2;  // a slot = one 32-byte half of a k-pair row = 32 columns
-  static constexpr int kSrcSlotBytes = 32;
-  static constexpr int kSlotAcc = 32;
-  static constexpr int kAccW = kBlockN;
   static constexpr int kMaxMR = 4;
-  static constexpr int64_t kChunkPairs = 2 * kChunk;
   static constexpr int kInt16Pairs = 8;  // k-pairs summed in int16 before widening (see above)
   // One row: the whole block (4 int16 sums); more rows: one half per strip (2 MR int16 sums + MR x words).
   template <int MR>
