@@ -16,7 +16,7 @@ Per layer shape, bit width and M, in one run:
                way ``CPUWNA16LinearKernel._process_gptq_weights_w4a16`` does;
 * ``w8a8``     our op with the opt-in int8-activation mode (GPTQ_ASCEND_CPU_W8A8=1), timed only at the M
                where the kernel then takes int8 activations (it says where: backends.cpu.int8_activations;
-               today 8-bit from M = 5, <=4-bit on the AVX2 tier at every fused M): x rounded to int8 per
+               the rule: docs/cpu-kernel.md, "Which calls take int8 x"): x rounded to int8 per
                row and group, AVX512-VNNI / AVX2 vpmaddwd, vpmaddubsw for nibbles; not the default
                (changes numerics);
 * ``ref``      the pure-torch reference backend (``format.dequantize`` + matmul), for scale;
@@ -322,8 +322,7 @@ def run_shape(label, k, n, bits, ms, args, dev, sync, rotate_bytes) -> list[Poin
         dense32 = [d["w"] for d in rotate({"w": w_kn.t().float().contiguous()}, k * n * 4)]
         methods["lin32"] = (len(dense32), lambda x: lambda i: F.linear(x.float(), dense32[i]))
     # the opt-in int8-activation mode: same op, timed with the mode switched on, at the M where the
-    # kernel then takes int8 activations (8-bit layers from M = 5 on AVX512-VNNI / AVX2, <=4-bit ones
-    # at every fused M on the AVX2 tier: the kernel's rule, not repeated here)
+    # kernel then takes int8 activations (the kernel says where: int8_activation_ms)
     w8a8_ms = (int8_activation_ms(bits, ms, act)
                if dev.type == "cpu" and backend.name == "cpu" and not args.no_w8a8 else [])
     if w8a8_ms:

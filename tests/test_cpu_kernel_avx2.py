@@ -246,7 +246,7 @@ def test_avx2_int8_activations_same_bits_on_1_and_2_threads(bits, avx2):
     k, n = 512, 1024
     t, spec, w = make_layer(k, n, bits, 128, False, True, "gptq", seed=23 + bits)
     packed = BACKEND.repack(t, spec, k)
-    avx2("", w8a8=True)
+    avx2("", w8a8=True, small_m_max=16)  # M = 16 fused whatever the tuning table or the environment say
     threads = torch.get_num_threads()
     try:
         for dt in (torch.float32, torch.bfloat16):
@@ -459,11 +459,30 @@ def test_avx2_small_m_fp32_two_hot_exact(bits, sym, m, avx2):
 
 
 @pytest.mark.parametrize("bits", (4, 3, 2))
+def test_avx2_fp32_table_decode_runs_at_m_1_4_6(bits, avx2):
+    """Which kernel M = 1, 4 and 6 reach with fp32 x: a symmetric layer whose every code is its zero point
+    is the zero matrix, and the exact table decode (I4Lut, I4LutRows) sums v = c - 2^(bits-1) = 0 exactly,
+    so y is exactly 0 for any x. The conversion decode (I4F32, M = 2, 3, 5) sums c x and subtracts z X,
+    two roundings apart, and leaves a residue of ~1e-4 here: a dispatch that lost the table decode at
+    these M fails this test, which the two-hot and accuracy tests (exact for both decodes) would not."""
+    k, n = 2048, 128
+    spec = fmt.QuantSpec(bits, 128, True, False, "gptq")
+    q = torch.full((k, n), 2 ** (bits - 1), dtype=torch.int64)
+    z = torch.full((k // 128, n), 2 ** (bits - 1), dtype=torch.int64)
+    s = (torch.rand(k // 128, n, generator=torch.Generator().manual_seed(bits)) + 0.5).half()
+    t = fmt.GPTQTensors(fmt.pack(q, bits, 0), fmt.pack_zeros(z, spec), s, torch.arange(k, dtype=torch.int32) // 128)
+    packed = BACKEND.repack(t, spec, k)
+    for m in (1, 4, 6):
+        y = gemm_out(torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3, packed)
+        assert torch.count_nonzero(y) == 0, f"int{bits} M={m}: {torch.count_nonzero(y)} non-zero outputs"
+
+
+@pytest.mark.parametrize("bits", (4, 3, 2))
 @pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
 @pytest.mark.parametrize("act", (False, True), ids=("seq", "act"))
 def test_avx2_small_m_fp32_accuracy(bits, sym, act, avx2):
     """M = 2..6, fp32 x, long K (48 groups of 128): relative error against float64 at most 1e-6 per row
-    tile (the table decode measures ~2.1e-7 at M = 4 / 6, the conversion decode 4.0-4.8e-7 at 2, 3, 5;
+    tile (the table decode measures ~2.1e-7 at M = 4 / 6, the conversion decode 3.9-4.8e-7 at 2, 3, 5;
     kernel_avx2.cpp, I4LutRows), with N = 200: three full blocks and a partial one."""
     k, n = 6144, 200
     t, spec, w = make_layer(k, n, bits, 128, sym, act, "gptq", seed=bits + 2 * sym + 4 * act + 50)

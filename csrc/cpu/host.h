@@ -32,10 +32,9 @@ struct Config {
   // Overrides of the table's switch-overs (< 0: the table's value).
   int64_t small_m_max_bf16 = -1;
   int64_t small_m_max_f32 = -1;
-  // Opt-in: 8-bit layers with kTiledMinM <= M <= small_m_max quantize x to int8 per row and group and
-  // use AVX512-VNNI (twice the multiply rate of vdpbf16ps) or AVX2 vpmaddwd; on the AVX2 tier <=4-bit
-  // layers too, at every M <= small_m_max (vpmaddubsw, W4A8). Changes the numerics (x is rounded to
-  // 8 bits), so it is off unless asked for (GPTQ_ASCEND_CPU_W8A8=1 or cpu_kernel_config).
+  // Opt-in int8 activations (W8A8 / W4A8: AVX512-VNNI, AVX2 vpmaddwd / vpmaddubsw); which calls take
+  // them is int8_activations in ops.cpp. Changes the numerics (x is rounded to 8 bits), so it is off
+  // unless asked for (GPTQ_ASCEND_CPU_W8A8=1 or cpu_kernel_config).
   bool w8a8 = false;
   bool vnni = false;  // an AVX-512 tier on a CPU with AVX512-VNNI
   bool w8a8_ok = false;  // the tier has a W8A8 kernel: AVX-512 with VNNI, or AVX2

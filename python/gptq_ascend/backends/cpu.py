@@ -282,9 +282,8 @@ def kernel_config(isa: str = "", small_m_max: int | None = None, small_m_max_f32
     restores every setting to its start-up value, environment included, before the other arguments
     apply; a tier this CPU cannot run raises RuntimeError naming what it lacks), the largest M the fused
     path takes (``small_m_max`` for both paths; ``small_m_max_f32`` then overrides the one for fp32/fp16
-    activations), the opt-in int8-activation mode (``w8a8``: 8-bit layers from M = 5 on AVX512-VNNI and
-    AVX2, and on the AVX2 tier also 4/3/2-bit layers at every M of the fused path; changes the numerics,
-    see docs/cpu-kernel.md) and whether large-M bf16 calls go through oneDNN's brgemm micro-kernel
+    activations), the opt-in int8-activation mode (``w8a8``; which calls it takes: :func:`int8_activations`;
+    changes the numerics, see docs/cpu-kernel.md) and whether large-M bf16 calls go through oneDNN's brgemm micro-kernel
     (``brgemm``, default on; off = dequantized tiles into ATen's GEMM). Returns the settings as
     space-separated ``key=value`` fields, e.g. ``isa=avx512vbmi bf16_dot=1 small_m_max_bf16=48
     small_m_max_f32=256 w8a8=0 brgemm=1 large_m_bf16=brgemm threads=2 cap=none why=best cpu=... l2=2048K
