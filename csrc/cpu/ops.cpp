@@ -125,10 +125,13 @@ OutType out_type_of(at::ScalarType st) {
 }
 
 namespace {
+// Large-M calls of `dt` go through oneDNN's brgemm (bf16 activations on a bf16-dot tier).
+bool brgemm_for(const Config& cfg, at::ScalarType dt) {
+  return cfg.bf16_dot && dt == at::kBFloat16 && brgemm_on(cfg);  // brgemm_on implies bf16_dot
+}
 // M rows of `dt` go to the fused kernels (else to a large-M path).
 bool fused_m(const Config& cfg, int64_t M, at::ScalarType dt) {
-  const bool dot = cfg.bf16_dot && dt == at::kBFloat16;
-  return M <= small_m_max(cfg, dt, dot && brgemm_on(cfg));  // brgemm_on implies bf16_dot
+  return M <= small_m_max(cfg, dt, brgemm_for(cfg, dt));
 }
 }  // namespace
 
@@ -220,9 +223,8 @@ void gemm_into(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   const int64_t M = x2.size(0);
   if (M == 0) return;
   const Config cfg = current_config();
-  const bool brgemm = cfg.bf16_dot && x2.scalar_type() == at::kBFloat16 && brgemm_on(cfg);
   if (fused_m(cfg, M, x2.scalar_type())) run_fused(cfg, x2, p, bias, out2);
-  else if (brgemm) run_large_m_brgemm(x2, p, bias, out2);
+  else if (brgemm_for(cfg, x2.scalar_type())) run_large_m_brgemm(x2, p, bias, out2);
   else run_large_m(cfg, x2, p, bias, out2);
 }
 
